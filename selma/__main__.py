@@ -1,0 +1,5 @@
+import sys
+
+from selma.cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""The ``selma`` command line: one subcommand per stage, ``run`` for all, and helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+STAGE_HELP = {
+    "prompts": "generate skill-specific prompts with the SELMA in-context loop",
+    "images": "draw one image per prompt with the diffusion model (Ray Data)",
+    "train": "train one LoRA expert per skill, all at once (Ray Train)",
+    "merge": "merge the experts into one multi-skill adapter",
+}
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default="tiny",
+                        help="a preset name (tiny, sd14, sd2, sdxl) or a YAML file (default: tiny)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. images.steps=20 train.max_steps=100")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--run-dir", help="run directory, a path or URI (default: runs/<name>)")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard this stage's output (and every later stage's) and redo it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selma", description="SELMA on Ray: skill-specific LoRA experts, "
+                                     "learned on auto-generated data and merged, for faithful text-to-image models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run every stage: prompts → images → train → merge")
+    _add_run_arguments(run)
+    for name, text in STAGE_HELP.items():
+        _add_run_arguments(commands.add_parser(name, help=text, description=text))
+
+    serve = commands.add_parser("serve", help="serve a run's merged model with the OpenAI Images API")
+    serve.add_argument("run_dir", help="a finished run directory")
+    serve.add_argument("--model", choices=["merged", "base"], help="what to serve (default: serve.model)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+    config = commands.add_parser("config", help="show or validate a config")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    _add_config_arguments(config_commands.add_parser("show", help="print the fully resolved config as YAML"))
+    _add_config_arguments(config_commands.add_parser("validate", help="validate a config; exit 2 if invalid"))
+
+    models = commands.add_parser("models", help="build tiny random models for tests and demos")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    tiny = model_commands.add_parser("tiny", help="save a tiny random pipeline (or LM) with save_pretrained")
+    tiny.add_argument("out", help="output folder")
+    tiny.add_argument("--family", choices=["sd", "sdxl", "lm"], default="sd")
+    tiny.add_argument("--resolution", type=int, default=64)
+    tiny.add_argument("--seed", type=int, default=0)
+
+    skills = commands.add_parser("skills", help="list or show skills")
+    skill_commands = skills.add_subparsers(dest="skills_command", required=True)
+    skill_commands.add_parser("list", help="list the built-in skills")
+    show = skill_commands.add_parser("show", help="show one skill")
+    show.add_argument("name")
+    return parser
+
+
+def _load_config(args, extra_overrides: tuple[str, ...] = ()):
+    from selma.config import load_config
+
+    overrides = list(args.overrides) + list(extra_overrides)
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
+def _cmd_stages(args) -> int:
+    from selma.pipeline import STAGE_NAMES, format_summary, run_stages
+
+    config = _load_config(args)
+    names = STAGE_NAMES if args.command == "run" else (args.command,)
+    summary = run_stages(config, names, restart=args.restart)
+    print()
+    print(format_summary(summary))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    config = _load_config(args)
+    if args.config_command == "show":
+        print(config.to_yaml(), end="")
+    else:
+        print(f"{args.config}: valid")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from selma.models.tiny import build_tiny_lm, build_tiny_pipeline
+
+    if args.family == "lm":
+        path = build_tiny_lm(args.out, seed=args.seed)
+    else:
+        path = build_tiny_pipeline(args.out, family=args.family, resolution=args.resolution, seed=args.seed)
+    print(f"saved a tiny random {args.family} model to {path}")
+    return 0
+
+
+def _cmd_skills(args) -> int:
+    from selma.skills import builtin_skills
+
+    skills = builtin_skills()
+    if args.skills_command == "list":
+        for skill in skills.values():
+            print(f"{skill.name:<22} {skill.description}")
+        return 0
+    if args.name not in skills:
+        print(f"unknown skill {args.name!r}; known: {', '.join(skills)}", file=sys.stderr)
+        return 2
+    print(json.dumps(skills[args.name].model_dump(), indent=2))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from selma.config import build_config, apply_override, parse_override
+    from selma.rundir import RunDir
+    from selma.serve.run import serve_run_dir
+
+    run = RunDir(args.run_dir)
+    manifest = run.manifest()
+    if "config" not in manifest:
+        print(f"{args.run_dir} has no run.json; is it a selma run directory?", file=sys.stderr)
+        return 2
+    data = manifest["config"]
+    for text in args.overrides:
+        apply_override(data, *parse_override(text))
+    config = build_config(data)
+    if args.host:
+        config.serve.host = args.host
+    if args.port:
+        config.serve.port = args.port
+    if args.model:
+        config.serve.model = args.model
+    serve_run_dir(config, run)
+    return 0
+
+
+COMMANDS = {"config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from selma.config import ConfigError
+    from selma.rundir import RunDirError
+
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS.get(args.command, _cmd_stages)
+    try:
+        return handler(args)
+    except (ConfigError, RunDirError) as err:
+        print(f"selma: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selma: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

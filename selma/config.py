@@ -1,0 +1,322 @@
+"""One typed config for a whole selma run.
+
+A run is described by one YAML file (or a preset shipped in ``selma/configs``) plus
+``key.sub=value`` overrides. Everything is validated before any Ray work starts; an invalid
+value raises :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+DEFAULT_SKILLS = ["coco", "localized_narratives", "countbench", "whoops", "diffusiondb"]
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SkillsConfig(_Section):
+    names: list[str] = Field(default_factory=lambda: list(DEFAULT_SKILLS), min_length=1)
+    seeds_per_skill: int = Field(3, ge=1, description="seed prompts that start each skill's pool")
+    files: list[str] = Field(default_factory=list, description="YAML files defining extra skills")
+
+    @field_validator("names")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"skill names repeat: {duplicates}")
+        return names
+
+
+class PromptsConfig(_Section):
+    backend: Literal["template", "transformers"] = "template"
+    model: str | None = Field(None, description="LLM id or path (not used by the template backend)")
+    per_skill: int = Field(1000, ge=1, description="accepted LLM prompts per skill")
+    examples_per_request: int = Field(3, ge=1)
+    candidates_per_request: int = Field(20, ge=1)
+    requests_per_round: int = Field(8, ge=1, description="LLM requests per skill per round")
+    max_rounds: int = Field(1000, ge=1, description="give up on a skill after this many rounds")
+    rouge_threshold: float = Field(0.8, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(1024, ge=16)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _model_named(self) -> "PromptsConfig":
+        if self.backend != "template" and not self.model:
+            raise ValueError(f"backend {self.backend!r} needs prompts.model (an LLM path or hub id)")
+        return self
+
+
+class ImagesConfig(_Section):
+    model: str | None = Field(None, description="generating model; defaults to the top-level model")
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    resolution: int | None = Field(None, ge=8, description="None: the pipeline's native size")
+    images_per_prompt: int = Field(1, ge=1)
+    negative_prompt: str | None = None
+    batch_size: int = Field(4, ge=1)
+    num_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+
+class TrainConfig(_Section):
+    rank: int = Field(128, ge=1)
+    alpha: float = Field(128, gt=0)
+    init_lora_weights: Literal["gaussian", "default"] = "gaussian"
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1, description="micro-batch per worker")
+    effective_batch_size: int = Field(64, ge=1)
+    max_steps: int = Field(5000, ge=1)
+    resolution: int | None = Field(None, ge=8, description="None: the model's native size")
+    random_flip: bool = True
+    random_crop: bool = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = Field(2, ge=0, le=3)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = True
+    cpus_per_worker: float = Field(1, gt=0)
+    data_cpus: float = Field(1, gt=0, description="CPUs per Ray Data task that decodes and tokenises")
+    data_workers: int = Field(4, ge=1, description="concurrent Ray Data preprocessing tasks per expert")
+    checkpoint_every: int = Field(500, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "TrainConfig":
+        per_step = self.batch_size * self.num_workers
+        if self.effective_batch_size % per_step:
+            raise ValueError(
+                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
+                f"batch_size × num_workers ({per_step})"
+            )
+        if self.strategy == "deepspeed" and self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ValueError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.effective_batch_size // (self.batch_size * self.num_workers)
+
+
+class MergeConfig(_Section):
+    method: str = "delta_mean"
+    weights: dict[str, float] | None = Field(None, description="per-expert weights; default 1/N")
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model: Literal["merged", "base"] = "merged"
+    max_batch_size: int = Field(4, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    gpus_per_replica: float = Field(0, ge=0)
+    cpus_per_replica: float = Field(1, gt=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    max_queued_requests: int = Field(64, ge=1)
+    default_steps: int | None = Field(None, ge=1, description="None: images.steps")
+    max_steps: int = Field(100, ge=1)
+    max_images_per_request: int = Field(4, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+    api_key_env: str | None = Field(None, description="env var holding a bearer token to require")
+
+    @model_validator(mode="after")
+    def _batching_possible(self) -> "ServeConfig":
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be at least max_batch_size, else batches stay small")
+        return self
+
+
+class EvalConfig(_Section):
+    benchmarks: list[Literal["dsg", "tifa"]] = Field(default_factory=lambda: ["dsg"])
+    limit: int | None = Field(None, ge=1)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None: join RAY_ADDRESS if set, else start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="for a local Ray only")
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class SelmaConfig(_Section):
+    name: str = Field("selma", min_length=1)
+    model: str = Field(..., description="the text-to-image model to improve (path, hub id or tiny:sd)")
+    run_dir: str | None = Field(None, description="local path or URI; default runs/<name>")
+    skills: SkillsConfig = Field(default_factory=SkillsConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def image_model(self) -> str:
+        """The model that draws the training images (weak-to-strong: may differ from ``model``)."""
+        return self.images.model or self.model
+
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or str(Path("runs") / self.name)
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named sections, used to tell whether a committed stage is stale."""
+        data = self.model_dump(mode="json")
+        payload = json.dumps({s: data[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``images.steps=20`` → (["images", "steps"], 20); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {err}") from None
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for depth, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_raw(source: str, _seen: tuple[str, ...] = ()) -> dict:
+    """Read a preset name or YAML path into a dict, following ``extends: <preset or path>``."""
+    path = Path(source)
+    if not path.suffix and (PRESETS_DIR / f"{source}.yaml").exists():
+        path = PRESETS_DIR / f"{source}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config {source!r} is neither a file nor a preset (presets: {', '.join(preset_names())})")
+    if str(path.resolve()) in _seen:
+        raise ConfigError(f"config {source!r} extends itself")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent:
+        data = _deep_merge(load_raw(str(parent), _seen + (str(path.resolve()),)), data)
+    return data
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field"
+        shown = problem.get("input")
+        suffix = f" (got {shown!r})" if shown is not None and problem["type"] != "missing" and not isinstance(shown, dict) else ""
+        lines.append(f"  {field}: {message}{suffix}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(data: dict) -> SelmaConfig:
+    try:
+        config = SelmaConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+    _check_cross_references(config)
+    return config
+
+
+def load_config(source: str | None = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> SelmaConfig:
+    """Load a preset or YAML file, apply ``key.sub=value`` overrides, validate."""
+    data = load_raw(source or "tiny")
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    return build_config(data)
+
+
+def _check_cross_references(config: SelmaConfig) -> None:
+    from selma.skills import SkillError, load_registry
+
+    try:
+        registry = load_registry(config.skills.files)
+    except SkillError as err:
+        raise ConfigError(f"invalid config:\n  skills.files: {err}") from None
+    unknown = [name for name in config.skills.names if name not in registry]
+    if unknown:
+        raise ConfigError(
+            f"invalid config:\n  skills.names: unknown skill(s) {unknown}; known: {sorted(registry)}"
+        )
+    from selma.merge.methods import MERGE_METHODS
+
+    if config.merge.method not in MERGE_METHODS:
+        raise ConfigError(
+            f"invalid config:\n  merge.method: unknown method {config.merge.method!r}; known: {sorted(MERGE_METHODS)}"
+        )
+    if config.merge.weights is not None:
+        stray = sorted(set(config.merge.weights) - set(config.skills.names))
+        absent = sorted(set(config.skills.names) - set(config.merge.weights))
+        if stray or absent:
+            raise ConfigError(f"invalid config:\n  merge.weights: must give one weight per skill "
+                              f"(not skills of this run: {stray}; missing: {absent})")

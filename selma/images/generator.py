@@ -1,0 +1,136 @@
+"""Text-to-image generation with diffusers (Ray-free core).
+
+Any prompt→image pipeline that ``DiffusionPipeline.from_pretrained`` loads works (SD 1.x, 2.x,
+SDXL, ...). Each image has its own ``torch.Generator`` seeded from its ``image_id``, so an image
+does not depend on which other prompts shared its batch's initial noise.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    steps: int = 50
+    guidance_scale: float = 7.5
+    resolution: int | None = None
+    negative_prompt: str | None = None
+    dtype: str = "auto"
+
+    @classmethod
+    def from_config(cls, images_config) -> "GenerationSettings":
+        return cls(
+            steps=images_config.steps,
+            guidance_scale=images_config.guidance_scale,
+            resolution=images_config.resolution,
+            negative_prompt=images_config.negative_prompt,
+            dtype=images_config.dtype,
+        )
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _has_component(path: str, component: str) -> bool:
+    index = Path(path) / "model_index.json"
+    if not index.exists():
+        return True  # a hub id: let diffusers decide
+    return component in json.loads(index.read_text())
+
+
+def load_pipeline(model: str, *, dtype: str = "auto", device: str | None = None):
+    """Load a text-to-image pipeline from a path, hub id or ``tiny:`` spec, safety checker off."""
+    from diffusers import DiffusionPipeline
+
+    from selma.models.tiny import resolve_model
+
+    device = device or default_device()
+    path = resolve_model(model)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if _has_component(path, "safety_checker") else {}
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype(dtype, device), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An HxWx3 float image in [0, 1] as PNG bytes."""
+    from PIL import Image
+
+    pixels = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ImageGenerator:
+    """Loads a pipeline once and draws seeded images for batches of prompts."""
+
+    def __init__(self, model: str, settings: GenerationSettings, *, device: str | None = None):
+        self.model = model
+        self.settings = settings
+        self.device = device or default_device()
+        self.pipe = load_pipeline(model, dtype=settings.dtype, device=self.device)
+
+    @property
+    def resolution(self) -> int:
+        if self.settings.resolution:
+            return self.settings.resolution
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def generate(self, prompts: list[str], seeds: list[int], *, steps: int | None = None,
+                 guidance_scale: float | None = None, size: int | None = None,
+                 negative_prompt: str | None = None) -> list[np.ndarray]:
+        """HxWx3 float images in [0, 1], one per prompt; raises if any image is not finite."""
+        import torch
+
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        settings = self.settings
+        size = size or self.resolution
+        negative = negative_prompt if negative_prompt is not None else settings.negative_prompt
+        generators = [torch.Generator(device=self.device).manual_seed(int(seed)) for seed in seeds]
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=list(prompts),
+                negative_prompt=[negative] * len(prompts) if negative else None,
+                num_inference_steps=steps or settings.steps,
+                guidance_scale=settings.guidance_scale if guidance_scale is None else guidance_scale,
+                height=size,
+                width=size,
+                generator=generators,
+                output_type="np",
+            )
+        images = list(result.images)
+        bad = [i for i, image in enumerate(images) if not np.isfinite(image).all()]
+        if bad:
+            raise FloatingPointError(f"non-finite pixels in images {bad} of the batch")
+        return images
+
+
+def native_resolution(model: str) -> int:
+    """The pipeline's default image size, read from its configs without loading weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from selma.models.tiny import resolve_model
+
+    path = resolve_model(model)
+    unet = UNet2DConditionModel.load_config(path, subfolder="unet")
+    vae = AutoencoderKL.load_config(path, subfolder="vae")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)

@@ -1,0 +1,206 @@
+"""The image stage: prompts → ``map_batches`` over an actor pool of generators → Parquet shards.
+
+Rows are written as they are produced, by a Ray Data datasink that writes each block atomically
+into ``images/<skill>/``; rows that fail land in ``errors/images/`` with their reason. A rerun
+skips every ``image_id`` already written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from selma.images.generator import GenerationSettings, png_bytes
+from selma.prompts.loop import derived_seed
+from selma.rundir import RunDir, new_part_name
+
+IMAGE_COLUMNS = ["image_id", "prompt_id", "skill", "prompt", "image", "width", "height", "seed", "model",
+                 "steps", "guidance_scale"]
+
+
+def image_id(prompt_id: str, index: int) -> str:
+    return hashlib.sha256(f"{prompt_id}\x00{index}".encode()).hexdigest()[:16]
+
+
+def image_seed(base_seed: int, image_id_: str) -> int:
+    return derived_seed(base_seed, image_id_) % (2**63)
+
+
+def planned_images(prompts: pa.Table, images_per_prompt: int, base_seed: int) -> pa.Table:
+    """One row per image to draw: image_id, prompt_id, skill, prompt, seed."""
+    rows = []
+    for row in prompts.select(["prompt_id", "skill", "prompt"]).to_pylist():
+        for index in range(images_per_prompt):
+            identifier = image_id(row["prompt_id"], index)
+            rows.append({"image_id": identifier, **row, "seed": image_seed(base_seed, identifier)})
+    schema = pa.schema([("image_id", pa.string()), ("prompt_id", pa.string()), ("skill", pa.string()),
+                        ("prompt", pa.string()), ("seed", pa.int64())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def written_image_ids(run: RunDir) -> set[str]:
+    table = run.read_table("images", columns=["image_id"])
+    return set() if table is None else set(table.column("image_id").to_pylist())
+
+
+class GenerateImages:
+    """Ray Data callable class: one pipeline per actor, a batch of rows in, rows with PNGs out."""
+
+    def __init__(self, model: str, settings: GenerationSettings, num_threads: int | None = None):
+        import torch
+
+        from selma.images.generator import ImageGenerator
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.generator = ImageGenerator(model, settings)
+        self.model = model
+        self.settings = settings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = [str(p) for p in batch["prompt"]]
+        seeds = [int(s) for s in batch["seed"]]
+        images: list[bytes | None] = [None] * len(prompts)
+        errors: list[str | None] = [None] * len(prompts)
+        try:
+            for i, image in enumerate(self.generator.generate(prompts, seeds)):
+                images[i] = png_bytes(image)
+        except Exception:  # retry one by one so one bad prompt does not sink its batch
+            for i in range(len(prompts)):
+                try:
+                    images[i] = png_bytes(self.generator.generate([prompts[i]], [seeds[i]])[0])
+                except Exception as err:  # recorded in errors/images with its reason
+                    errors[i] = f"{type(err).__name__}: {err}"[:2000]
+        size = self.generator.resolution
+        n = len(prompts)
+        return {
+            **{key: batch[key] for key in ("image_id", "prompt_id", "skill", "prompt", "seed")},
+            "image": np.array(images, dtype=object),
+            "width": np.full(n, size, dtype=np.int32),
+            "height": np.full(n, size, dtype=np.int32),
+            "model": np.array([self.model] * n, dtype=object),
+            "steps": np.full(n, self.settings.steps, dtype=np.int32),
+            "guidance_scale": np.full(n, self.settings.guidance_scale, dtype=np.float32),
+            "error": np.array(errors, dtype=object),
+        }
+
+
+def _image_sink(run_uri: str):
+    from ray.data import Datasink
+
+    class ImageParquetSink(Datasink):
+        """Writes each block's rows per skill as one atomic Parquet file; failed rows to errors/."""
+
+        def __init__(self, uri: str):
+            self.uri = uri
+
+        def write(self, blocks, ctx) -> dict:
+            run = RunDir(self.uri)
+            written = failed = 0
+            for block in blocks:
+                table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+                if table.num_rows == 0:
+                    continue
+                is_error = pc.invert(pc.is_null(table.column("error")))
+                errors = table.filter(is_error).drop_columns(["image"])
+                good = table.filter(pc.invert(is_error)).select(IMAGE_COLUMNS)
+                if errors.num_rows:
+                    run.write_table(f"errors/images/{new_part_name()}", errors)
+                    failed += errors.num_rows
+                for skill in pc.unique(good.column("skill")).to_pylist():
+                    part = good.filter(pc.equal(good.column("skill"), skill))
+                    run.write_table(f"images/{skill}/{new_part_name()}", part)
+                    written += part.num_rows
+            return {"written": written, "failed": failed}
+
+    return ImageParquetSink(run_uri)
+
+
+def run_image_stage(config, run: RunDir, progress=print, poll_seconds: float = 10.0) -> dict:
+    prompts = run.read_table("prompts")
+    if prompts is None:
+        raise RuntimeError(f"no prompts in {run.uri}; run the prompt stage first")
+    prompts = prompts.filter(pc.equal(prompts.column("origin"), "llm"))
+    prompts = prompts.filter(pc.is_in(prompts.column("skill"), pa.array(config.skills.names)))
+    plan = planned_images(prompts, config.images.images_per_prompt, config.images.seed)
+    done = written_image_ids(run) & set(plan.column("image_id").to_pylist())
+    todo = plan.filter(pc.invert(pc.is_in(plan.column("image_id"), pa.array(sorted(done), pa.string()))))
+    if done:
+        progress(f"[images] {len(done)} of {plan.num_rows} images already written, {todo.num_rows} to draw")
+    started = time.time()
+    if todo.num_rows:
+        _draw(config, run, todo, progress, poll_seconds)
+    seconds = time.time() - started
+    written = written_image_ids(run)
+    failed_ids = _failed_image_ids(run) - written
+    drawn = len(written) - len(done)
+    rate = drawn / max(seconds, 1e-9)
+    progress(f"[images] drew {drawn} images in {seconds:.1f}s ({rate:.2f} images/s); {len(failed_ids)} failed")
+    if plan.num_rows and len(failed_ids) / plan.num_rows > config.images.max_error_rate:
+        raise RuntimeError(
+            f"{len(failed_ids)} of {plan.num_rows} images failed (more than images.max_error_rate="
+            f"{config.images.max_error_rate}); reasons are in {run.uri_of('errors', 'images')}"
+        )
+    counts = count_per_skill(run.read_table("images", columns=["skill"]))
+    return {"counts": counts, "failed": len(failed_ids), "images_per_second": round(rate, 3)}
+
+
+def _draw(config, run: RunDir, todo: pa.Table, progress, poll_seconds: float) -> None:
+    """Run the Ray Data pipeline in a thread; report progress from the files it has written."""
+    import threading
+
+    import ray
+
+    cfg = config.images
+    threads = max(1, int(cfg.cpus_per_actor)) if not cfg.gpus_per_actor else None
+    dataset = ray.data.from_arrow(todo).repartition(max(1, todo.num_rows // cfg.batch_size))
+    dataset = dataset.map_batches(
+        GenerateImages,
+        fn_constructor_args=(config.image_model, GenerationSettings.from_config(cfg), threads),
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+        num_gpus=cfg.gpus_per_actor or None,
+        num_cpus=cfg.cpus_per_actor,
+        batch_format="numpy",
+    )
+    failure: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            dataset.write_datasink(_image_sink(run.uri))
+        except BaseException as err:  # re-raised in the caller's thread
+            failure.append(err)
+
+    writer = threading.Thread(target=write, name="selma-image-writer", daemon=True)
+    started, before = time.time(), _rows_written(run)
+    writer.start()
+    while writer.is_alive():
+        writer.join(poll_seconds)
+        if writer.is_alive():
+            new = _rows_written(run) - before
+            elapsed = time.time() - started
+            progress(f"[images] {new}/{todo.num_rows} drawn ({new / elapsed:.2f} images/s, {elapsed:.0f}s)")
+    if failure:
+        raise failure[0]
+
+
+def _rows_written(run: RunDir) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(f, filesystem=run.fs).num_rows for f in run.list_files("images"))
+
+
+def _failed_image_ids(run: RunDir) -> set[str]:
+    table = run.read_table("errors", "images", columns=["image_id"])
+    return set() if table is None else set(table.column("image_id").to_pylist())
+
+
+def count_per_skill(table: pa.Table | None) -> dict[str, int]:
+    if table is None:
+        return {}
+    counts = table.group_by("skill").aggregate([("skill", "count")])
+    return dict(zip(counts.column("skill").to_pylist(), counts.column("skill_count").to_pylist()))

@@ -1,0 +1,222 @@
+"""The run directory: where stages exchange data, and the manifest that says what is finished.
+
+A run directory is a local path or any URI pyarrow understands (``s3://``, ``gs://``, ``hdfs://``).
+Contracts (see DESIGN.md)::
+
+    RUN/run.json                  manifest: config, per-stage status and hash, counts, timings
+    RUN/prompts/<skill>/*.parquet
+    RUN/images/<skill>/*.parquet
+    RUN/experts/<skill>/          diffusers-format LoRA
+    RUN/merged/                   merged LoRA + merge.json
+
+Every data file is written under a temporary name and moved into place, so a reader never sees a
+half-written file. A stage counts as finished only once ``run.json`` marks it ``committed``; the
+manifest is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST = "run.json"
+STAGES = ("prompts", "images", "train", "merge")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked."""
+
+
+def _split_uri(uri: str) -> tuple[pafs.FileSystem, str, str]:
+    if "://" not in uri:
+        local = str(Path(uri).expanduser().resolve())
+        return pafs.LocalFileSystem(), local, local
+    filesystem, root = pafs.FileSystem.from_uri(uri)
+    return filesystem, root.rstrip("/"), uri.rstrip("/")
+
+
+class RunDir:
+    def __init__(self, uri: str):
+        self.fs, self.root, self.uri = _split_uri(uri)
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.uri!r})"
+
+    # paths ---------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """The filesystem path (without scheme) of a location inside the run."""
+        return "/".join([self.root, *parts])
+
+    def uri_of(self, *parts: str) -> str:
+        """The full URI (with scheme) of a location inside the run, for Ray Data / Ray Train."""
+        return "/".join([self.uri, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def makedirs(self, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+
+    def list_dirs(self, *parts: str) -> list[str]:
+        if not self.exists(*parts):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(*parts)))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not _hidden(i.base_name))
+
+    def list_files(self, *parts: str, suffix: str = ".parquet") -> list[str]:
+        """Finished data files below a location (temporary and hidden files excluded)."""
+        if not self.exists(*parts):
+            return []
+        selector = pafs.FileSelector(self.path(*parts), recursive=True)
+        found = []
+        for info in self.fs.get_file_info(selector):
+            relative = info.path[len(self.root) + 1 :]
+            if info.type == pafs.FileType.File and info.path.endswith(suffix) and not any(
+                _hidden(piece) for piece in relative.split("/")
+            ):
+                found.append(info.path)
+        return sorted(found)
+
+    # atomic writes -------------------------------------------------------------------------
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        target = self.path(relative)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        temporary = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(temporary) as stream:
+            stream.write(data)
+        self.fs.move(temporary, target)
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relative)) as stream:
+            return stream.read()
+
+    def write_json(self, relative: str, obj: Any) -> None:
+        self.write_bytes(relative, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+    def read_json(self, relative: str) -> Any:
+        return json.loads(self.read_bytes(relative))
+
+    def write_table(self, relative: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes(relative, sink.getvalue().to_pybytes())
+
+    def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table | None:
+        """All finished Parquet files below a location as one table (None when there are none)."""
+        files = self.list_files(*parts)
+        if not files:
+            return None
+        tables = [pq.read_table(f, filesystem=self.fs, columns=columns) for f in files]
+        return pa.concat_tables(tables, promote_options="default")
+
+    # directories ---------------------------------------------------------------------------
+    def put_dir(self, local_dir: str | Path, relative: str) -> None:
+        """Copy a local directory into the run, replacing ``relative`` as a whole at the end."""
+        parent = relative.rsplit("/", 1)[0] if "/" in relative else ""
+        staging = f"{parent}/.tmp-{uuid.uuid4().hex}".lstrip("/")
+        self.makedirs(staging)
+        pafs.copy_files(str(local_dir), self.path(staging), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+        if self.exists(relative):
+            self.fs.delete_dir(self.path(relative))
+        self.fs.move(self.path(staging), self.path(relative))
+
+    def get_dir(self, relative: str, local_dir: str | Path) -> Path:
+        local_dir = Path(local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self.path(relative), str(local_dir), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return local_dir
+
+    @contextmanager
+    def local_copy(self, relative: str) -> Iterator[Path]:
+        """A local path for a directory of the run (the directory itself when the run is local)."""
+        if self.is_local:
+            yield Path(self.path(relative))
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="selma-") as tmp:
+            yield self.get_dir(relative, tmp)
+
+    # manifest ------------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        if not self.exists(MANIFEST):
+            return {"stages": {}}
+        return self.read_json(MANIFEST)
+
+    def stage(self, name: str) -> dict:
+        return self.manifest().get("stages", {}).get(name, {})
+
+    def update_manifest(self, **fields: Any) -> dict:
+        manifest = self.manifest()
+        manifest.update(fields)
+        self.write_json(MANIFEST, manifest)
+        return manifest
+
+    def update_stage(self, name: str, **fields: Any) -> dict:
+        manifest = self.manifest()
+        entry = manifest.setdefault("stages", {}).setdefault(name, {})
+        entry.update(fields)
+        self.write_json(MANIFEST, manifest)
+        return entry
+
+    def is_committed(self, name: str, config_hash: str) -> bool:
+        entry = self.stage(name)
+        return entry.get("status") == "committed" and entry.get("config_hash") == config_hash
+
+    def check_stage_config(self, name: str, config_hash: str) -> None:
+        """Refuse to mix rows made under another config into a stage of this run."""
+        entry = self.stage(name)
+        recorded = entry.get("config_hash")
+        if recorded and recorded != config_hash:
+            raise RunDirError(
+                f"stage {name!r} in {self.uri} was {'committed' if entry.get('status') == 'committed' else 'started'} "
+                f"with a different config (hash {recorded}, now {config_hash}). Use a new --run-dir, "
+                f"or `selma {name} ... --restart` to discard it and everything after it."
+            )
+
+    def begin_stage(self, name: str, config_hash: str) -> None:
+        self.check_stage_config(name, config_hash)
+        entry = self.stage(name)
+        self.update_stage(
+            name,
+            status="running",
+            config_hash=config_hash,
+            started_at=entry.get("started_at") or time.time(),
+            attempts=entry.get("attempts", 0) + 1,
+        )
+
+    def commit_stage(self, name: str, **fields: Any) -> None:
+        entry = self.stage(name)
+        now = time.time()
+        self.update_stage(name, status="committed", finished_at=now,
+                          seconds=round(now - entry.get("started_at", now), 3), **fields)
+
+    def discard_stage(self, name: str) -> None:
+        """Forget a stage and delete its outputs (for ``--restart``)."""
+        output = {"train": "experts", "merge": "merged"}.get(name, name)
+        for location in (output, f"_work/{name}", f"errors/{name}"):
+            if self.exists(location):
+                self.fs.delete_dir(self.path(location))
+        manifest = self.manifest()
+        manifest.get("stages", {}).pop(name, None)
+        self.write_json(MANIFEST, manifest)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def new_part_name(prefix: str = "part") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"

@@ -1,0 +1,55 @@
+from selma.prompts.parse import parse_completion
+
+
+def test_plain_continuation_of_a_numbered_list():
+    completion = " A red kite over a beach.\n5. Two dogs chase a ball in the park.\n6. A lamp beside a bed."
+    candidates, unparseable = parse_completion(completion)
+    assert candidates == ["A red kite over a beach.", "Two dogs chase a ball in the park.", "A lamp beside a bed."]
+    assert unparseable == 0
+
+
+def test_numbering_variants_bullets_quotes_and_blank_lines():
+    completion = (
+        "\n\n"
+        "5) A blue car parked under a tree.\n"
+        "(6) A cat sleeping on a warm laptop.\n"
+        "- A bowl of soup next to bread.\n"
+        "* \"A child flying a yellow kite.\"\n"
+        "8: A chef slicing three tomatoes.\n"
+        "\n"
+        "9.   A   horse   in   the   snow.  \n"
+    )
+    candidates, _ = parse_completion(completion)
+    assert candidates == [
+        "A blue car parked under a tree.",
+        "A cat sleeping on a warm laptop.",
+        "A bowl of soup next to bread.",
+        "A child flying a yellow kite.",
+        "A chef slicing three tomatoes.",
+        "A horse in the snow.",
+    ]
+
+
+def test_preamble_repeats_and_fragments_are_dropped():
+    completion = (
+        "Here are 20 more diverse image descriptions:\n"
+        "1. A boat on a calm lake.\n"
+        "2. a boat on a calm lake.\n"
+        "3. Ok\n"
+        "Note that these are varied.\n"
+        "4. A squirrel eating a nut on a bench."
+    )
+    candidates, unparseable = parse_completion(completion)
+    assert candidates == ["A boat on a calm lake.", "A squirrel eating a nut on a bench."]
+    assert unparseable == 3  # the preamble, the fragment, the note
+
+
+def test_truncated_last_line_is_dropped():
+    candidates, unparseable = parse_completion("A kite.\n5. A red barn in a field.\n6. Two owls sitting on", truncated=True)
+    assert candidates == ["A red barn in a field."]
+    assert unparseable == 2
+
+
+def test_garbage_gives_nothing():
+    assert parse_completion("")[0] == []
+    assert parse_completion("\x00\x01 ### ---")[0] == []

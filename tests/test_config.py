@@ -1,0 +1,108 @@
+import subprocess
+import sys
+
+import pytest
+
+from selma.config import ConfigError, load_config, preset_names
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_shipped_preset_validates(preset):
+    config = load_config(preset)
+    assert config.name == preset
+    assert config.skills.names == ["coco", "localized_narratives", "countbench", "whoops", "diffusiondb"]
+
+
+def test_presets_carry_the_papers_settings():
+    for preset in ("sd14", "sd2", "sdxl"):
+        config = load_config(preset)
+        assert (config.images.steps, config.images.guidance_scale, config.images.images_per_prompt) == (50, 7.5, 1)
+        t = config.train
+        assert (t.rank, t.alpha, t.init_lora_weights, t.learning_rate) == (128, 128, "gaussian", 3e-4)
+        assert (t.effective_batch_size, t.max_steps, t.max_grad_norm, t.weight_decay) == (64, 5000, 1.0, 1e-2)
+        assert t.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+        assert config.prompts.per_skill == 1000 and config.prompts.rouge_threshold == 0.8
+        assert config.merge.method == "delta_mean"
+    assert load_config("sdxl").model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert load_config("sd2").model == "stabilityai/stable-diffusion-2"
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config("tiny", ["images.steps=3", "train.learning_rate=1e-3", "skills.names=[coco, whoops]",
+                                  "images.negative_prompt=blurry, low quality"])
+    assert config.images.steps == 3
+    assert config.train.learning_rate == pytest.approx(1e-3)
+    assert config.skills.names == ["coco", "whoops"]
+    assert config.images.negative_prompt == "blurry, low quality"
+
+
+def test_extends_a_preset_from_a_user_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("extends: tiny\nname: mine\nimages:\n  steps: 2\n")
+    config = load_config(str(path))
+    assert config.name == "mine" and config.images.steps == 2
+    assert config.train.rank == load_config("tiny").train.rank
+
+
+BAD = [
+    (["images.steps=0"], "images.steps"),
+    (["images.stepz=3"], "images.stepz: unknown field"),
+    (["train.rank=many"], "train.rank"),
+    (["images.resolution=100"], "images.resolution"),
+    (["skills.names=[coco, nosuchskill]"], "skills.names"),
+    (["skills.names=[coco, coco]"], "skills.names"),
+    (["train.effective_batch_size=6"], "train"),
+    (["merge.method=averaging"], "merge.method"),
+    (["merge.weights={coco: 1.0, nope: 1.0}"], "merge.weights"),
+    (["prompts.backend=transformers"], "prompts"),
+    (["serve.max_ongoing_requests=1"], "serve"),
+    (["images=3"], "images"),
+    (["images.steps.deep=3"], "images.steps"),
+    (["noequals"], "key.sub=value"),
+    (["model=null"], "model"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD)
+def test_bad_configs_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides)
+    assert field in str(info.value)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("nope")
+
+
+def test_self_extending_config_is_rejected(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text(f"extends: {path}\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(str(path))
+
+
+def test_cli_rejects_a_bad_config_before_ray_starts(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "selma", "run", "--config", "tiny", "--run-dir", str(tmp_path / "run"),
+         "images.steps=-1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "images.steps" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_config_show_prints_the_resolved_config():
+    result = subprocess.run([sys.executable, "-m", "selma", "config", "show", "--config", "sd2", "images.steps=30"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "model: stabilityai/stable-diffusion-2" in result.stdout
+    assert "steps: 30" in result.stdout
+
+
+def test_loading_a_config_does_not_import_ray_or_torch():
+    code = ("import sys; from selma.config import load_config; load_config('sdxl'); "
+            "print(sorted(m for m in ('ray', 'torch', 'diffusers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
