@@ -39,7 +39,14 @@ def _split_uri(uri: str) -> tuple[pafs.FileSystem, str, str]:
     if "://" not in uri:
         local = str(Path(uri).expanduser().resolve())
         return pafs.LocalFileSystem(), local, local
-    filesystem, root = pafs.FileSystem.from_uri(uri)
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError):
+        # Schemes pyarrow lacks natively (memory://, az://, ...) go through fsspec when installed.
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(uri)
+        filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     return filesystem, root.rstrip("/"), uri.rstrip("/")
 
 

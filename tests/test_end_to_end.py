@@ -170,7 +170,7 @@ def test_serve_round_trip_returns_a_png(finished_run):
         image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
         assert image.format == "PNG" and image.size == (64, 64)
     finally:
-        os.killpg(server.pid, signal.SIGINT)
+        os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -52,3 +52,12 @@ def test_put_dir_replaces_a_directory_as_a_whole(run, tmp_path):
     run.put_dir(second, "experts/coco")
     with run.local_copy("experts/coco") as local:
         assert sorted(p.name for p in local.iterdir()) == ["new.txt"]
+
+
+def test_an_fsspec_only_scheme_works():
+    run = RunDir("memory://selma-test/run")
+    run.write_table("images/coco/part.parquet", pa.table({"image_id": ["x"]}))
+    run.begin_stage("images", "h")
+    run.commit_stage("images")
+    assert RunDir("memory://selma-test/run").is_committed("images", "h")
+    assert run.read_table("images").column("image_id").to_pylist() == ["x"]

@@ -255,6 +255,17 @@ def _sd_like_scheduler_config() -> dict:
     )
 
 
+TINY_UNET_BLOCKS = dict(
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=(2, 4),
+)
+
+
 def _tiny_sd_pipeline(resolution: int, seed: int):
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -267,13 +278,7 @@ def _tiny_sd_pipeline(resolution: int, seed: int):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=resolution // _vae_scale_factor(vae),
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
+        **TINY_UNET_BLOCKS,
         cross_attention_dim=text_encoder.config.hidden_size,
     )
     scheduler = DDIMScheduler(**_sd_like_scheduler_config(), clip_sample=False, set_alpha_to_one=False)
@@ -307,13 +312,7 @@ def _tiny_sdxl_pipeline(resolution: int, seed: int):
     # the pooled projection of the second plus six micro-conditioning numbers.
     unet = UNet2DConditionModel(
         sample_size=resolution // _vae_scale_factor(vae),
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
+        **TINY_UNET_BLOCKS,
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
         cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,

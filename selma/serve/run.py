@@ -16,6 +16,8 @@ def serve_run_dir(config, run: RunDir, *, blocking: bool = True):
         if not run.is_local:
             raise RuntimeError("serving from a remote run directory is not supported yet; copy merged/ locally")
         lora_dir = run.path("merged")
+    if blocking:
+        _stop_on_signals()
     init_ray(config.ray)
     app = build_app(
         config.serve,
@@ -26,3 +28,14 @@ def serve_run_dir(config, run: RunDir, *, blocking: bool = True):
         guidance_scale=config.images.guidance_scale,
     )
     return serve_run(app, config.serve.host, config.serve.port, blocking=blocking)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (Kubernetes, process managers) and SIGINT both end serving cleanly."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)

@@ -1,0 +1,303 @@
+"""The OpenAI Images API on Ray Serve, against a tiny random pipeline with a LoRA fused in."""
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+API_KEY = "test-key-123"
+API_KEY_ENV = "SELMA_TEST_SERVE_API_KEY"
+MODEL_NAME = "selma-test"
+STEPS = 3
+# Small queues so that overload is reachable: the model holds MAX_ONGOING + MAX_QUEUED requests.
+MAX_ONGOING = 4
+MAX_QUEUED = 8
+
+
+@dataclass
+class Server:
+    url: str
+    base_model: str
+    lora_dir: str
+
+    def post(self, body, *, key: str | None = API_KEY, **kwargs):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        options = {"content": body} if isinstance(body, (bytes, str)) else {"json": body}
+        return httpx.post(f"{self.url}/v1/images/generations", headers=headers, timeout=120, **options, **kwargs)
+
+    def get(self, path: str, *, key: str | None = API_KEY):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(f"{self.url}{path}", headers=headers, timeout=60)
+
+    def images(self, **body) -> list[np.ndarray]:
+        response = self.post({"prompt": "two red apples on a table", **body})
+        assert response.status_code == 200, response.text
+        return [decode_png(item["b64_json"]) for item in response.json()["data"]]
+
+
+def decode_png(b64: str, *, size: int | None = None) -> np.ndarray:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG" and image.mode == "RGB"
+    if size is not None:
+        assert image.size == (size, size)
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_random_lora(base_model: str, out_dir) -> str:
+    """A diffusers-format UNet LoRA with non-zero B, so it changes every attention projection."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from selma.images.generator import load_pipeline
+
+    pipe = load_pipeline(base_model, device="cpu")
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    StableDiffusionPipeline.save_lora_weights(
+        str(out_dir), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from selma.config import ServeConfig
+    from selma.models.tiny import resolve_model
+    from selma.serve.app import build_app, serve_run
+
+    base_model = resolve_model("tiny:sd")  # built here once, not by the replica
+    lora_dir = _write_random_lora(base_model, tmp_path_factory.mktemp("lora"))
+    config = ServeConfig(max_batch_size=4, batch_wait_timeout_s=0.2, max_ongoing_requests=MAX_ONGOING,
+                         max_queued_requests=MAX_QUEUED, max_images_per_request=4, max_steps=20,
+                         max_prompt_chars=200, api_key_env=API_KEY_ENV)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(API_KEY_ENV, API_KEY)
+        app = build_app(config, base_model=base_model, lora_dir=lora_dir, model_name=MODEL_NAME,
+                        default_steps=STEPS)
+    port = _free_port()
+    serve_run(app, "127.0.0.1", port, blocking=False)
+    try:
+        yield Server(url=f"http://127.0.0.1:{port}", base_model=base_model, lora_dir=lora_dir)
+    finally:
+        serve.shutdown()
+
+
+def test_round_trip_returns_pngs_of_the_requested_size(server):
+    before = time.time()
+    response = server.post({"prompt": "a cat on a sofa", "size": "128x128", "n": 2, "seed": 1,
+                            "quality": "hd", "style": "vivid", "user": "someone"})  # OpenAI fields we ignore
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert before - 1 <= body["created"] <= time.time() + 1
+    assert len(body["data"]) == 2
+    first, second = (decode_png(item["b64_json"], size=128) for item in body["data"])
+    assert np.abs(first - second).mean() > 0.01  # each image has its own seed
+
+    [native] = server.images(seed=1)
+    assert native.shape == (64, 64, 3)  # default: the tiny model's native size
+
+
+def test_official_openai_client_works_unchanged(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    result = client.images.generate(model=MODEL_NAME, prompt="a dog in a park", size="64x64",
+                                    response_format="b64_json", n=2)
+    assert len(result.data) == 2
+    for image in result.data:
+        decode_png(image.b64_json, size=64)
+    assert [model.id for model in client.models.list()] == [MODEL_NAME]
+
+
+def test_same_seed_gives_identical_bytes_and_each_image_has_seed_plus_index(server):
+    body = {"prompt": "three blue cups", "seed": 1234, "size": "64x64"}
+    first, again = server.post(body), server.post(body)
+    assert first.status_code == again.status_code == 200
+    assert first.json()["data"] == again.json()["data"]
+
+    pair = server.images(prompt="three blue cups", seed=1234, n=2)
+    [alone] = server.images(prompt="three blue cups", seed=1235)
+    # Batch shape can move pixels by float rounding only; a different seed moves them a lot.
+    assert np.abs(pair[1] - alone).max() <= 2 / 255
+    assert np.abs(pair[0] - alone).mean() > 0.01
+    assert np.abs(pair[0] - decode_png(first.json()["data"][0]["b64_json"])).max() <= 2 / 255
+
+
+def test_lora_changes_the_output(server):
+    from selma.images.generator import GenerationSettings, ImageGenerator
+    from selma.serve.app import load_lora_fused
+
+    [served] = server.images(prompt="a wooden boat on a lake", seed=42, size="64x64")
+    local = ImageGenerator(server.base_model, GenerationSettings(steps=STEPS), device="cpu")
+    [base] = local.generate(["a wooden boat on a lake"], [42])
+    load_lora_fused(local.pipe, server.lora_dir)
+    [with_lora] = local.generate(["a wooden boat on a lake"], [42])
+
+    assert np.abs(served - with_lora).max() <= 2 / 255
+    assert np.abs(served - base).mean() > 0.02
+
+
+def test_a_lora_that_loads_nothing_is_refused(server, tmp_path):
+    """Raw peft keys (no ``unet.`` prefix): diffusers only warns and loads nothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    from selma.images.generator import load_pipeline
+    from selma.serve.app import load_lora_fused
+
+    module = "base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{module}.lora_A.weight": torch.ones(4, 64), f"{module}.lora_B.weight": torch.ones(64, 4)},
+              str(tmp_path / "pytorch_lora_weights.safetensors"))
+    pipe = load_pipeline(server.base_model, device="cpu")
+    with pytest.raises(RuntimeError, match="no LoRA weights"):
+        load_lora_fused(pipe, str(tmp_path))
+
+
+LONG_PROMPT = "a " * 150
+BAD_REQUESTS = [
+    # (name, body, status, param, code)
+    ("not json", b"prompt=cat", 400, None, "invalid_json"),
+    ("empty body", b"", 400, None, "invalid_json"),
+    ("not utf-8", b"\xff\xfe{}", 400, None, "invalid_json"),
+    ("json array", b'["a cat"]', 400, None, "invalid_json"),
+    ("missing prompt", {"n": 1}, 400, "prompt", "missing_required_parameter"),
+    ("blank prompt", {"prompt": "   "}, 400, "prompt", "invalid_value"),
+    ("prompt not a string", {"prompt": 7}, 400, "prompt", "invalid_value"),
+    ("prompt too long", {"prompt": LONG_PROMPT}, 400, "prompt", "string_above_max_length"),
+    ("negative prompt too long", {"prompt": "a cat", "negative_prompt": LONG_PROMPT}, 400, "negative_prompt",
+     "string_above_max_length"),
+    ("unknown model", {"prompt": "a cat", "model": "dall-e-3"}, 404, "model", "model_not_found"),
+    ("n zero", {"prompt": "a cat", "n": 0}, 400, "n", "invalid_value"),
+    ("n too large", {"prompt": "a cat", "n": 5}, 400, "n", "invalid_value"),
+    ("n as string", {"prompt": "a cat", "n": "2"}, 400, "n", "invalid_value"),
+    ("steps zero", {"prompt": "a cat", "steps": 0}, 400, "steps", "invalid_value"),
+    ("steps too many", {"prompt": "a cat", "steps": 21}, 400, "steps", "invalid_value"),
+    ("size not square", {"prompt": "a cat", "size": "64x128"}, 400, "size", "invalid_size"),
+    ("size not multiple of 8", {"prompt": "a cat", "size": "68x68"}, 400, "size", "invalid_size"),
+    ("size too small", {"prompt": "a cat", "size": "8x8"}, 400, "size", "invalid_size"),
+    ("size too large", {"prompt": "a cat", "size": "4096x4096"}, 400, "size", "invalid_size"),
+    ("size garbage", {"prompt": "a cat", "size": "big"}, 400, "size", "invalid_size"),
+    ("url format", {"prompt": "a cat", "response_format": "url"}, 400, "response_format", "unsupported_value"),
+    ("negative guidance", {"prompt": "a cat", "guidance_scale": -1}, 400, "guidance_scale", "invalid_value"),
+    ("negative seed", {"prompt": "a cat", "seed": -1}, 400, "seed", "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, param, code", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server, name, body, status, param, code):
+    response = server.post(body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert (error["param"], error["code"]) == (param, code)
+    assert isinstance(error["message"], str) and error["message"]
+    if name == "url format":
+        assert "b64_json" in error["message"]
+    assert server.get("/v1/models").status_code == 200
+
+
+def test_api_key_is_required_except_for_health(server):
+    for key in (None, "wrong-key"):
+        for response in (server.post({"prompt": "a cat"}, key=key), server.get("/v1/models", key=key)):
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    health = server.get("/healthz", key=None)
+    assert health.status_code == 200 and health.json()["model"] == MODEL_NAME
+
+
+def test_unknown_route_gets_an_openai_shaped_404_and_the_schema_is_published(server):
+    response = server.get("/v1/chat/completions")
+    assert response.status_code == 404
+    assert "message" in response.json()["error"]
+    schema = server.get("/openapi.json").json()
+    assert "prompt" in json.dumps(schema["paths"]["/v1/images/generations"])
+
+
+def test_a_taken_port_fails_fast():
+    from selma.serve.app import _ensure_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="cannot serve on"):
+            _ensure_port_free("127.0.0.1", taken.getsockname()[1])
+    _ensure_port_free("127.0.0.1", _free_port())
+
+
+async def _post_many(server: Server, bodies: list[dict]):
+    import httpx
+
+    async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"},
+                                 limits=httpx.Limits(max_connections=len(bodies))) as client:
+        return await asyncio.gather(*(client.post(f"{server.url}/v1/images/generations", json=body)
+                                      for body in bodies))
+
+
+def test_concurrent_requests_succeed_and_are_batched(server):
+    before = server.get("/debug/batching").json()
+    responses = asyncio.run(_post_many(server, [
+        {"prompt": f"{i} yellow ducks", "seed": i, "size": "64x64"} for i in range(8)]))
+    assert [r.status_code for r in responses] == [200] * 8
+    for response in responses:
+        decode_png(response.json()["data"][0]["b64_json"], size=64)
+    after = server.get("/debug/batching").json()
+
+    new_batches = {int(size): count - before["requests_per_batch"].get(size, 0)
+                   for size, count in after["requests_per_batch"].items()}
+    assert sum(size * count for size, count in new_batches.items()) == 8
+    assert max(size for size, count in new_batches.items() if count) > 1
+    # One parameter set, so one pipeline call per batch.
+    assert after["pipeline_calls"] - before["pipeline_calls"] == after["batches"] - before["batches"] < 8
+
+
+def test_overload_gets_503_and_the_server_recovers(server):
+    # Twice what the model holds: the ingress admits them all, the model's handle refuses the rest
+    # with an OpenAI-shaped 503 (a plain-text 503 from the proxy would fail the json() below).
+    burst = 2 * (MAX_ONGOING + MAX_QUEUED)
+    responses = asyncio.run(_post_many(server, [{"prompt": "a red kite", "seed": i} for i in range(burst)]))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}
+    assert 1 <= statuses.count(200) < burst
+    for response in responses:
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] == "overloaded"
+    assert server.images(seed=1)[0].shape == (64, 64, 3)
+
+
+def test_group_jobs_shares_a_call_only_when_every_parameter_agrees():
+    from selma.serve.app import ImageJob, group_jobs
+
+    def job(**changes):
+        fields = dict(prompt="p", seeds=(1,), steps=4, guidance_scale=7.5, size=64, negative_prompt=None)
+        return ImageJob(**{**fields, **changes})
+
+    jobs = [job(), job(prompt="other", seeds=(5, 6)), job(steps=5), job(guidance_scale=1.0), job(size=128),
+            job(negative_prompt="blurry"), job(seeds=(9,))]
+    assert group_jobs(jobs) == [[0, 1, 6], [2], [3], [4], [5]]
