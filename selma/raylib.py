@@ -17,7 +17,7 @@ def init_ray(ray_config) -> None:
     if address:
         ray.init(address=address, **options)
     else:
-        ray.init(address="local", num_cpus=ray_config.num_cpus, include_dashboard=False, **options)
+        ray.init(address="local", num_cpus=ray_config.num_cpus, **options)
         # Helpers that Ray Train spawns connect with address="auto"; point them at this instance
         # even when other Ray clusters run on the same machine.
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
