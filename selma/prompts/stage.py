@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict
 
 import pyarrow as pa
 
 from selma.llm import make_backend
-from selma.prompts.loop import PromptLoop, PromptRow, SkillStats
+from selma.prompts.loop import PromptLoop, PromptRow
 from selma.rundir import RunDir
 from selma.skills import load_registry
-
-log = logging.getLogger(__name__)
 
 PROMPT_SCHEMA = pa.schema(
     [
@@ -76,9 +73,3 @@ def run_prompt_stage(config, run: RunDir, progress=print) -> dict:
     counts = {s.skill.name: s.accepted for s in states}
     return {"counts": counts, "stats": stats}
 
-
-def total_stats(stats: dict[str, dict]) -> dict:
-    total = SkillStats()
-    for entry in stats.values():
-        total.add(SkillStats(**entry))
-    return asdict(total)

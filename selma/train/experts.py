@@ -10,7 +10,6 @@ rerun after the driver died, continues from the latest one.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import tempfile
 import time
@@ -20,7 +19,6 @@ from pathlib import Path
 from selma.raylib import quiet_ray_data
 from selma.rundir import RunDir
 
-log = logging.getLogger(__name__)
 PROGRESS_ACTOR = "selma-train-progress"
 
 
