@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
+    commands.add_parser("merge-adapters", add_help=False,
+                                   help="merge LoRA adapter folders without a run directory (see --help)")
+
+    export = commands.add_parser("export", help="export a run's data for other tools")
+    export_commands = export.add_subparsers(dest="export_command", required=True)
+    folder = export_commands.add_parser("imagefolder", help="PNG files + metadata.jsonl (diffusers' training scripts)")
+    folder.add_argument("run_dir")
+    folder.add_argument("out")
+    folder.add_argument("--skill", action="append", help="only this skill (repeatable)")
+
     config = commands.add_parser("config", help="show or validate a config")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     _add_config_arguments(config_commands.add_parser("show", help="print the fully resolved config as YAML"))
@@ -145,13 +155,27 @@ def _cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
+def _cmd_export(args) -> int:
+    from selma.images.export import export_imagefolder
+    from selma.rundir import RunDir
+
+    count = export_imagefolder(RunDir(args.run_dir), args.out, args.skill)
+    print(f"exported {count} images to {args.out} (metadata.jsonl: file_name, text)")
+    return 0
+
+
+COMMANDS = {"export": _cmd_export, "config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
     from selma.config import ConfigError
     from selma.rundir import RunDirError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["merge-adapters"]:  # its own parser: argparse sub-commands cannot pass "--flags" through
+        from selma.merge.stage import merge_main
+
+        return merge_main(argv[1:])
     args = build_parser().parse_args(argv)
     handler = COMMANDS.get(args.command, _cmd_stages)
     try:

@@ -75,6 +75,10 @@ class ImagesConfig(_Section):
     gpus_per_actor: float = Field(0, ge=0)
     cpus_per_actor: float = Field(1, gt=0)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the UNet (pays off on GPUs for long runs)")
+    vae_slicing: bool = False
+    vae_tiling: bool = False
     max_error_rate: float = Field(0.05, ge=0, le=1)
     seed: int = 0
 
@@ -135,6 +139,23 @@ class TrainConfig(_Section):
 class MergeConfig(_Section):
     method: str = "delta_mean"
     weights: dict[str, float] | None = Field(None, description="per-expert weights; default 1/N")
+    normalize: bool = Field(True, description="normalise the weights to sum 1 (a mean); false: use them as given")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="method options, e.g. {density: 0.5, seed: 0, rank: 64}")
+    fused_pipeline: bool = Field(False, description="also save the base pipeline with the merge fused in (merged/fused)")
+
+    @field_validator("options")
+    @classmethod
+    def _options_fit_method(cls, options: dict[str, Any], info) -> dict[str, Any]:
+        from selma.merge.methods import MERGE_METHODS, MergeError, method_options
+
+        method = info.data.get("method")
+        if method in MERGE_METHODS:  # an unknown method is reported, naming merge.method, by build_config
+            try:
+                method_options(method, options)
+            except MergeError as err:
+                raise ValueError(str(err)) from None
+        return options
 
 
 class ServeConfig(_Section):

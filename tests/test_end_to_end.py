@@ -66,7 +66,7 @@ def test_images_are_pngs_of_the_configured_size(finished_run):
         rows = _read(run_dir, "images", skill)
         assert len(rows) == 4 and len({r["image_id"] for r in rows}) == 4
         for row in rows:
-            image = Image.open(io.BytesIO(row["image"]))
+            image = Image.open(io.BytesIO(row["image"]["bytes"]))
             assert image.format == "PNG" and image.size == (64, 64) == (row["width"], row["height"])
             assert row["steps"] == 4 and row["model"] == "tiny:sd"
 

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from selma.images.export import dataset_card, with_hf_features
 from selma.images.generator import GenerationSettings, png_bytes
 from selma.prompts.loop import derived_seed
 from selma.rundir import RunDir, new_part_name
@@ -113,7 +114,7 @@ def _image_sink(run_uri: str):
                     failed += errors.num_rows
                 for skill in pc.unique(good.column("skill")).to_pylist():
                     part = good.filter(pc.equal(good.column("skill"), skill))
-                    run.write_table(f"images/{skill}/{new_part_name()}", part)
+                    run.write_table(f"images/{skill}/{new_part_name()}", with_hf_features(part))
                     written += part.num_rows
             return {"written": written, "failed": failed}
 
@@ -146,6 +147,7 @@ def run_image_stage(config, run: RunDir, progress=print, poll_seconds: float = 1
             f"{config.images.max_error_rate}); reasons are in {run.uri_of('errors', 'images')}"
         )
     counts = count_per_skill(run.read_table("images", columns=["skill"]))
+    run.write_bytes("images/README.md", dataset_card(config, counts).encode())
     return {"counts": counts, "failed": len(failed_ids), "images_per_second": round(rate, 3)}
 
 
@@ -157,7 +159,7 @@ def _draw(config, run: RunDir, todo: pa.Table, progress, poll_seconds: float) ->
 
     cfg = config.images
     threads = max(1, int(cfg.cpus_per_actor)) if not cfg.gpus_per_actor else None
-    dataset = ray.data.from_arrow(todo).repartition(max(1, todo.num_rows // cfg.batch_size))
+    dataset = ray.data.from_arrow(batched_blocks(todo, cfg.batch_size))
     dataset = dataset.map_batches(
         GenerateImages,
         fn_constructor_args=(config.image_model, GenerationSettings.from_config(cfg), threads),
@@ -171,7 +173,8 @@ def _draw(config, run: RunDir, todo: pa.Table, progress, poll_seconds: float) ->
 
     def write() -> None:
         try:
-            dataset.write_datasink(_image_sink(run.uri))
+            # Writing is I/O: with a CPU per write task it would starve once the actors hold every CPU.
+            dataset.write_datasink(_image_sink(run.uri), ray_remote_args={"num_cpus": 0})
         except BaseException as err:  # re-raised in the caller's thread
             failure.append(err)
 
@@ -186,6 +189,12 @@ def _draw(config, run: RunDir, todo: pa.Table, progress, poll_seconds: float) ->
             progress(f"[images] {new}/{todo.num_rows} drawn ({new / elapsed:.2f} images/s, {elapsed:.0f}s)")
     if failure:
         raise failure[0]
+
+
+def batched_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
+    """One block per batch, built in the driver: a repartition would need CPU tasks, and the
+    generator actors may hold every CPU."""
+    return [table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size)] or [table]
 
 
 def _rows_written(run: RunDir) -> int:

@@ -20,6 +20,10 @@ Inside the safetensors file (the layout diffusers' ``save_lora_weights`` writes)
 The delta of a layer is ``(alpha / r) · B @ A`` (``alpha / sqrt(r)`` under rsLoRA, which
 :func:`read_lora` folds into an equivalent plain alpha). Only LoRA on ``Linear`` layers is handled:
 DoRA, LoRA bias, conv LoRA and ``modules_to_save`` are refused with :class:`LoraFormatError`.
+
+Reading: :func:`read_lora` loads a whole adapter; :class:`LoraFile` opens one for reading layer by layer
+(header, layer names, shapes, ranks and alphas at once; each layer's tensors only when asked), which is how
+:mod:`selma.merge.methods` streams experts without holding them all in memory.
 """
 
 from __future__ import annotations
@@ -94,12 +98,14 @@ class LoraLayer:
 
 
 def _check_factor_shapes(A: "torch.Tensor", B: "torch.Tensor") -> None:
-    if A.ndim != 2 or B.ndim != 2:
-        raise LoraFormatError(
-            f"LoRA factors must be 2-D (Linear layers only), got A {tuple(A.shape)}, B {tuple(B.shape)}"
-        )
-    if B.shape[1] != A.shape[0]:
-        raise LoraFormatError(f"LoRA rank mismatch: A {tuple(A.shape)} and B {tuple(B.shape)}")
+    _check_shapes(tuple(A.shape), tuple(B.shape))
+
+
+def _check_shapes(shape_A: tuple[int, ...], shape_B: tuple[int, ...]) -> None:
+    if len(shape_A) != 2 or len(shape_B) != 2:
+        raise LoraFormatError(f"LoRA factors must be 2-D (Linear layers only), got A {shape_A}, B {shape_B}")
+    if shape_B[1] != shape_A[0]:
+        raise LoraFormatError(f"LoRA rank mismatch: A {shape_A} and B {shape_B}")
 
 
 @dataclass
@@ -113,6 +119,14 @@ class LoraAdapter:
 
     def delta(self, name: str) -> "torch.Tensor":
         return self.layers[name].delta()
+
+    def layer(self, name: str) -> LoraLayer:
+        """The layer ``name`` (same call as :meth:`LoraFile.layer`, so merging takes either)."""
+        return self.layers[name]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return sorted(self.layers)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -315,23 +329,96 @@ def read_lora(path: str | os.PathLike) -> LoraAdapter:
     Reads safetensors only (never pickle). Per-layer alpha follows what diffusers applies when it loads the
     file: the header's ``lora_alpha``/``alpha_pattern`` when present, alpha = rank when the header is absent.
     """
-    weights_path = _weights_path(Path(path))
-    tensors, header = _load_safetensors(weights_path)
-    config = _header_config(header, weights_path)
-    unet_tensors = _unet_tensors(tensors, weights_path)
-    pairs = _pair_factors(unet_tensors, source=str(weights_path))
-    layers = {}
-    for name, (A, B) in sorted(pairs.items()):
+    with LoraFile(path) as lora_file:
+        return lora_file.read()
+
+
+class LoraFile:
+    """One LoRA file opened for reading layer by layer (a context manager; :meth:`close` when done).
+
+    Opening reads only the header: it checks the key layout (UNet keys, paired A/B factors, 2-D, matching
+    ranks, positive alphas) and exposes ``layer_names``, ``shapes`` (out, in), ``ranks``, ``alphas``,
+    ``base_model``, ``target_modules`` and ``metadata``. :meth:`layer` loads one layer's tensors. A missing,
+    truncated or non-safetensors file raises :class:`LoraFormatError` naming the path.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = _weights_path(Path(path))
         try:
-            layers[name] = LoraLayer(A=A, B=B, alpha=_alpha_for(name, A.shape[0], config))
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            header = self._handle.metadata() or {}
+            keys = list(self._handle.keys())
+            key_shapes = {key: tuple(self._handle.get_slice(key).get_shape()) for key in keys}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise LoraFormatError(
+                f"cannot read LoRA file {self.path} (truncated or not safetensors?): {err}"
+            ) from None
+        if not keys:
+            raise LoraFormatError(f"{self.path}: the file holds no tensors")
+        config = _header_config(header, self.path)
+        unet_keys = _unet_tensors({key: key for key in keys}, self.path)
+        self._keys = _pair_factors(unet_keys, source=str(self.path))  # name -> (key of A, key of B)
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.ranks: dict[str, int] = {}
+        self.alphas: dict[str, float] = {}
+        for name in sorted(self._keys):
+            key_A, key_B = self._keys[name]
+            shape_A, shape_B = key_shapes[key_A], key_shapes[key_B]
+            try:
+                _check_shapes(shape_A, shape_B)
+            except LoraFormatError as err:
+                raise LoraFormatError(f"{self.path}: layer {name}: {err}") from None
+            alpha = _alpha_for(name, shape_A[0], config)
+            if not math.isfinite(alpha) or alpha <= 0:
+                raise LoraFormatError(f"{self.path}: layer {name}: LoRA alpha must be positive and finite, got {alpha}")
+            self.shapes[name] = (int(shape_B[0]), int(shape_A[1]))
+            self.ranks[name] = int(shape_A[0])
+            self.alphas[name] = alpha
+        self.target_modules = config.get("target_modules") if config else None
+        self.base_model = config.get("base_model_name_or_path") if config else None
+        self.metadata = _selma_metadata(header, self.path)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def layer(self, name: str) -> LoraLayer:
+        """Load one layer's factors (as stored) with the alpha diffusers applies."""
+        from safetensors import SafetensorError
+
+        if name not in self._keys:
+            raise LoraFormatError(f"{self.path}: no LoRA layer {name!r}")
+        key_A, key_B = self._keys[name]
+        try:
+            A, B = self._handle.get_tensor(key_A), self._handle.get_tensor(key_B)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise LoraFormatError(f"cannot read layer {name} from {self.path}: {err}") from None
+        try:
+            return LoraLayer(A=A, B=B, alpha=self.alphas[name])
         except LoraFormatError as err:
-            raise LoraFormatError(f"{weights_path}: layer {name}: {err}") from None
-    return LoraAdapter(
-        layers=layers,
-        target_modules=config.get("target_modules") if config else None,
-        base_model=config.get("base_model_name_or_path") if config else None,
-        metadata=_selma_metadata(header, weights_path),
-    )
+            raise LoraFormatError(f"{self.path}: layer {name}: {err}") from None
+
+    def read(self) -> LoraAdapter:
+        """The whole adapter in memory."""
+        return LoraAdapter(
+            layers={name: self.layer(name) for name in self.layer_names},
+            target_modules=self.target_modules,
+            base_model=self.base_model,
+            metadata=self.metadata,
+        )
+
+    def close(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle is not None:
+            handle.__exit__(None, None, None)
+
+    def __enter__(self) -> "LoraFile":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def _weights_path(path: Path) -> Path:
@@ -341,20 +428,6 @@ def _weights_path(path: Path) -> Path:
     if weights_path.suffix != ".safetensors":
         raise LoraFormatError(f"{weights_path}: only .safetensors LoRA files are read")
     return weights_path
-
-
-def _load_safetensors(weights_path: Path) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise LoraFormatError(f"cannot read LoRA file {weights_path} (truncated or not safetensors?): {err}") from None
-    if not tensors:
-        raise LoraFormatError(f"{weights_path}: the file holds no tensors")
-    return tensors, header
 
 
 def _header_config(header: dict[str, str], weights_path: Path) -> dict[str, Any] | None:

@@ -45,6 +45,8 @@ class PrepareTrainingBatch:
     def _image(self, data: bytes) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
         from PIL import Image
 
+        if isinstance(data, dict):  # Hugging Face Image storage: {"bytes", "path"}
+            data = data["bytes"]
         image = Image.open(io.BytesIO(data)).convert("RGB")
         original = (image.height, image.width)
         scale = self.resolution / min(image.size)
