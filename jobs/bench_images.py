@@ -36,21 +36,16 @@ def plain_loop(prompts, seeds, args) -> dict:
 
 
 def ray_stage(table, args, actors: int) -> dict:
-    import ray
-
     from selma.images.generator import GenerationSettings
-    from selma.images.stage import GenerateImages, _image_sink, batched_blocks
+    from selma.images.stage import image_dataset, write_images
     from selma.rundir import RunDir
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(tmp)
-        dataset = ray.data.from_arrow(batched_blocks(table, args.batch_size))
-        dataset = dataset.map_batches(
-            GenerateImages, fn_constructor_args=(args.model, GenerationSettings(steps=args.steps, guidance_scale=7.5), 1),
-            batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-            batch_format="numpy")
+        dataset = image_dataset(table, args.model, GenerationSettings(steps=args.steps, guidance_scale=7.5),
+                                batch_size=args.batch_size, actors=(actors, actors), cpus_per_actor=1)
         started = time.time()
-        dataset.write_datasink(_image_sink(run.uri), ray_remote_args={"num_cpus": 0})
+        write_images(dataset, run)
         total = time.time() - started
         parts = sorted((os.path.getmtime(f), f) for f in run.list_files("images"))
         import pyarrow.parquet as pq

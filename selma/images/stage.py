@@ -14,13 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from selma.images.export import dataset_card, with_hf_features
+from selma.images.export import HF_FEATURES, dataset_card, with_hf_features
 from selma.images.generator import GenerationSettings, png_bytes
 from selma.prompts.loop import derived_seed
 from selma.rundir import RunDir, new_part_name
 
-IMAGE_COLUMNS = ["image_id", "prompt_id", "skill", "prompt", "image", "width", "height", "seed", "model",
-                 "steps", "guidance_scale"]
+IMAGE_COLUMNS = list(HF_FEATURES)  # the contract of images/<skill>/*.parquet, in order
 
 
 def image_id(prompt_id: str, index: int) -> str:
@@ -136,7 +135,8 @@ def run_image_stage(config, run: RunDir, progress=print, poll_seconds: float = 1
     if todo.num_rows:
         _draw(config, run, todo, progress, poll_seconds)
     seconds = time.time() - started
-    written = written_image_ids(run)
+    written_table = run.read_table("images", columns=["image_id", "skill"])
+    written = set() if written_table is None else set(written_table.column("image_id").to_pylist())
     failed_ids = _failed_image_ids(run) - written
     drawn = len(written) - len(done)
     rate = drawn / max(seconds, 1e-9)
@@ -146,7 +146,7 @@ def run_image_stage(config, run: RunDir, progress=print, poll_seconds: float = 1
             f"{len(failed_ids)} of {plan.num_rows} images failed (more than images.max_error_rate="
             f"{config.images.max_error_rate}); reasons are in {run.uri_of('errors', 'images')}"
         )
-    counts = count_per_skill(run.read_table("images", columns=["skill"]))
+    counts = count_per_skill(written_table)
     run.write_bytes("images/README.md", dataset_card(config, counts).encode())
     return {"counts": counts, "failed": len(failed_ids), "images_per_second": round(rate, 3)}
 
@@ -155,26 +155,15 @@ def _draw(config, run: RunDir, todo: pa.Table, progress, poll_seconds: float) ->
     """Run the Ray Data pipeline in a thread; report progress from the files it has written."""
     import threading
 
-    import ray
-
     cfg = config.images
-    threads = max(1, int(cfg.cpus_per_actor)) if not cfg.gpus_per_actor else None
-    dataset = ray.data.from_arrow(batched_blocks(todo, cfg.batch_size))
-    dataset = dataset.map_batches(
-        GenerateImages,
-        fn_constructor_args=(config.image_model, GenerationSettings.from_config(cfg), threads),
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
-        num_gpus=cfg.gpus_per_actor or None,
-        num_cpus=cfg.cpus_per_actor,
-        batch_format="numpy",
-    )
+    dataset = image_dataset(todo, config.image_model, GenerationSettings.from_config(cfg), batch_size=cfg.batch_size,
+                            actors=(1, cfg.num_actors), cpus_per_actor=cfg.cpus_per_actor,
+                            gpus_per_actor=cfg.gpus_per_actor)
     failure: list[BaseException] = []
 
     def write() -> None:
         try:
-            # Writing is I/O: with a CPU per write task it would starve once the actors hold every CPU.
-            dataset.write_datasink(_image_sink(run.uri), ray_remote_args={"num_cpus": 0})
+            write_images(dataset, run)
         except BaseException as err:  # re-raised in the caller's thread
             failure.append(err)
 
@@ -189,6 +178,29 @@ def _draw(config, run: RunDir, todo: pa.Table, progress, poll_seconds: float) ->
             progress(f"[images] {new}/{todo.num_rows} drawn ({new / elapsed:.2f} images/s, {elapsed:.0f}s)")
     if failure:
         raise failure[0]
+
+
+def image_dataset(rows: pa.Table, model: str, settings: GenerationSettings, *, batch_size: int,
+                  actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0):
+    """The Ray Data pipeline that draws ``rows`` on a pool of (min, max) generator actors."""
+    import ray
+
+    threads = max(1, int(cpus_per_actor)) if not gpus_per_actor else None
+    return ray.data.from_arrow(batched_blocks(rows, batch_size)).map_batches(
+        GenerateImages,
+        fn_constructor_args=(model, settings, threads),
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
+        num_gpus=gpus_per_actor or None,
+        num_cpus=cpus_per_actor,
+        batch_format="numpy",
+    )
+
+
+def write_images(dataset, run: RunDir) -> None:
+    """Stream ``dataset`` into ``run``'s images/ and errors/images/, block by block."""
+    # Writing is I/O: with a CPU per write task it would starve once the actors hold every CPU.
+    dataset.write_datasink(_image_sink(run.uri), ray_remote_args={"num_cpus": 0})
 
 
 def batched_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
