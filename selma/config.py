@@ -42,24 +42,59 @@ class SkillsConfig(_Section):
         return names
 
 
+class OpenAIEndpointConfig(_Section):
+    """An OpenAI-compatible server (OpenAI, vLLM's ``vllm serve``, TGI, llama.cpp, ...)."""
+
+    base_url: str | None = Field(None, description="e.g. http://llm:8000/v1 (the /completions path is added)")
+    api: Literal["completions", "chat"] = Field(
+        "completions", description="completions continues the numbered list as-is; chat sends it as a user message")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (sent if set)")
+    qps: int | None = Field(None, ge=1, description="requests per second per worker; None: no limit")
+    max_retries: int = Field(3, ge=0, description="retries with exponential back-off on 429/5xx/timeouts")
+    retry_wait_s: float = Field(1.0, gt=0, description="first back-off wait; doubles per retry")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {url!r})")
+        return url.rstrip("/") if url else url
+
+
 class PromptsConfig(_Section):
-    backend: Literal["template", "transformers"] = "template"
-    model: str | None = Field(None, description="LLM id or path (not used by the template backend)")
+    backend: Literal["template", "transformers", "vllm", "openai"] = Field(
+        "template", description="template: offline phrase generator for demos and tests, not an LLM")
+    model: str | None = Field(None, description="LLM path or hub id (the model name sent to an openai endpoint)")
     per_skill: int = Field(1000, ge=1, description="accepted LLM prompts per skill")
     examples_per_request: int = Field(3, ge=1)
     candidates_per_request: int = Field(20, ge=1)
     requests_per_round: int = Field(8, ge=1, description="LLM requests per skill per round")
+    rounds_in_flight: int = Field(
+        1, ge=1, description="rounds per skill sent before the previous ones are filtered; 1 is the paper's loop")
     max_rounds: int = Field(1000, ge=1, description="give up on a skill after this many rounds")
     rouge_threshold: float = Field(0.8, gt=0, le=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(1024, ge=16)
     seed: int = 0
+    sampling_params: dict[str, Any] = Field(
+        default_factory=dict, description="vllm/openai: extra sampling parameters (stop, repetition_penalty, ...)")
+    batch_size: int = Field(16, ge=1, description="requests per LLM batch; capped at requests_per_round")
+    concurrency: int = Field(1, ge=1, description="LLM workers (engines, model replicas or HTTP clients)")
+    gpus_per_worker: float = Field(0, ge=0, description="transformers/vllm: GPUs per worker; 0 runs on CPU")
+    cpus_per_worker: float = Field(1, gt=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments")
+    openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig)
 
     @model_validator(mode="after")
-    def _model_named(self) -> "PromptsConfig":
-        if self.backend != "template" and not self.model:
+    def _backend_settings(self) -> "PromptsConfig":
+        if self.backend in ("transformers", "vllm", "openai") and not self.model:
             raise ValueError(f"backend {self.backend!r} needs prompts.model (an LLM path or hub id)")
+        if self.batch_size > self.requests_per_round:
+            # A batch waits until it is full, and a skill's next round waits for this one.
+            self.batch_size = self.requests_per_round
+        if self.backend == "openai" and not self.openai.base_url:
+            raise ValueError("backend 'openai' needs prompts.openai.base_url (e.g. http://host:8000/v1)")
         return self
 
 
@@ -329,6 +364,11 @@ def _check_cross_references(config: SelmaConfig) -> None:
         raise ConfigError(
             f"invalid config:\n  skills.names: unknown skill(s) {unknown}; known: {sorted(registry)}"
         )
+    short = {name: len(registry[name].seeds) for name in config.skills.names
+             if len(registry[name].seeds) < config.skills.seeds_per_skill}
+    if short:
+        raise ConfigError(f"invalid config:\n  skills.seeds_per_skill: {config.skills.seeds_per_skill} seeds requested, "
+                          f"but these skills have fewer: {short}")
     from selma.merge.methods import MERGE_METHODS
 
     if config.merge.method not in MERGE_METHODS:

@@ -24,7 +24,7 @@ class Stage:
 
 
 STAGES = (
-    Stage("prompts", ("skills", "prompts"), False, "selma.prompts.stage:run_prompt_stage"),
+    Stage("prompts", ("skills", "prompts"), True, "selma.prompts.stage:run_prompt_stage"),
     Stage("images", ("model", "images"), True, "selma.images.stage:run_image_stage"),
     Stage("train", ("model", "train"), True, "selma.train.experts:run_train_stage"),
     Stage("merge", ("merge",), False, "selma.merge.stage:run_merge_stage"),
@@ -65,16 +65,30 @@ def run_stages(config, names: tuple[str, ...] = STAGE_NAMES, *, restart: bool = 
         for later in STAGE_NAMES[first:]:
             run.discard_stage(later)
             progress(f"[{later}] discarded for --restart")
+    pending = [s.name for s in STAGES if s.name in names and not run.is_committed(s.name, hashes[s.name])]
+    streamed: set[str] = set()
     for stage in STAGES:
         if stage.name not in names:
             continue
-        _require_upstream(run, stage.name, hashes)
-        if run.is_committed(stage.name, hashes[stage.name]):
-            progress(f"[{stage.name}] already committed in {run.uri}, skipping")
+        if stage.name not in pending:
+            if stage.name not in streamed and run.is_committed(stage.name, hashes[stage.name]):
+                progress(f"[{stage.name}] already committed in {run.uri}, skipping")
             continue
+        _require_upstream(run, stage.name, hashes)
         run.begin_stage(stage.name, hashes[stage.name])
         if stage.needs_ray:
             init_ray(config.ray)
+        if stage.name == "prompts" and "images" in pending:
+            run.begin_stage("images", hashes["images"])
+            progress("[prompts] running, streaming into [images]")
+            from selma.prompts.stage import run_prompts_and_images
+
+            prompts, images = run_prompts_and_images(config, run, progress=progress)
+            run.commit_stage("prompts", **prompts)
+            run.commit_stage("images", **images)
+            pending.remove("images")
+            streamed.add("images")
+            continue
         progress(f"[{stage.name}] running")
         result = stage.load()(config, run, progress=progress)
         run.commit_stage(stage.name, **result)

@@ -120,27 +120,30 @@ def _image_sink(run_uri: str):
     return ImageParquetSink(run_uri)
 
 
-def run_image_stage(config, run: RunDir, progress=print, poll_seconds: float = 10.0) -> dict:
-    prompts = run.read_table("prompts")
-    if prompts is None:
-        raise RuntimeError(f"no prompts in {run.uri}; run the prompt stage first")
-    prompts = prompts.filter(pc.equal(prompts.column("origin"), "llm"))
-    prompts = prompts.filter(pc.is_in(prompts.column("skill"), pa.array(config.skills.names)))
-    plan = planned_images(prompts, config.images.images_per_prompt, config.images.seed)
-    done = written_image_ids(run) & set(plan.column("image_id").to_pylist())
-    todo = plan.filter(pc.invert(pc.is_in(plan.column("image_id"), pa.array(sorted(done), pa.string()))))
+def run_image_stage(config, run: RunDir, progress=print, poll_seconds: float = 10.0, prompt_stream=None) -> dict:
+    """Draw every written prompt's images that are not yet written.
+
+    ``prompt_stream`` (a Ray Dataset of prompt rows, see :mod:`selma.prompts.stage`) adds the
+    prompts the prompt loop is still producing: ``selma run`` draws them as they are accepted.
+    """
+    _, done, todo = _image_plan(config, run)
     if done:
-        progress(f"[images] {len(done)} of {plan.num_rows} images already written, {todo.num_rows} to draw")
+        progress(f"[images] {len(done)} images already written, {todo.num_rows} more to draw for written prompts")
     started = time.time()
-    if todo.num_rows:
-        _draw(config, run, todo, progress, poll_seconds)
+    if todo.num_rows or prompt_stream is not None:
+        _draw(config, run, _planned_dataset(config, todo, prompt_stream), todo.num_rows if prompt_stream is None else None,
+              progress, poll_seconds)
     seconds = time.time() - started
+    plan, _, _ = _image_plan(config, run)
     written_table = run.read_table("images", columns=["image_id", "skill"])
     written = set() if written_table is None else set(written_table.column("image_id").to_pylist())
     failed_ids = _failed_image_ids(run) - written
     drawn = len(written) - len(done)
     rate = drawn / max(seconds, 1e-9)
     progress(f"[images] drew {drawn} images in {seconds:.1f}s ({rate:.2f} images/s); {len(failed_ids)} failed")
+    missing = plan.num_rows - len(written & set(plan.column("image_id").to_pylist())) - len(failed_ids)
+    if missing > 0:
+        raise RuntimeError(f"{missing} planned images were neither written nor recorded as failed; rerun to draw them")
     if plan.num_rows and len(failed_ids) / plan.num_rows > config.images.max_error_rate:
         raise RuntimeError(
             f"{len(failed_ids)} of {plan.num_rows} images failed (more than images.max_error_rate="
@@ -151,14 +154,40 @@ def run_image_stage(config, run: RunDir, progress=print, poll_seconds: float = 1
     return {"counts": counts, "failed": len(failed_ids), "images_per_second": round(rate, 3)}
 
 
-def _draw(config, run: RunDir, todo: pa.Table, progress, poll_seconds: float) -> None:
+def _image_plan(config, run: RunDir) -> tuple[pa.Table, set[str], pa.Table]:
+    """(every planned image of the written prompts, the ids already written, those still to draw)."""
+    prompts = run.read_table("prompts")
+    if prompts is None:
+        raise RuntimeError(f"no prompts in {run.uri}; run the prompt stage first")
+    prompts = prompts.filter(pc.equal(prompts.column("origin"), "llm"))
+    prompts = prompts.filter(pc.is_in(prompts.column("skill"), pa.array(config.skills.names)))
+    plan = planned_images(prompts, config.images.images_per_prompt, config.images.seed)
+    done = written_image_ids(run) & set(plan.column("image_id").to_pylist())
+    todo = plan.filter(pc.invert(pc.is_in(plan.column("image_id"), pa.array(sorted(done), pa.string()))))
+    return plan, done, todo
+
+
+def _planned_dataset(config, todo: pa.Table, prompt_stream):
+    """Planned image rows: those of written prompts, then those of the prompts still streaming in."""
+    import ray
+
+    written = ray.data.from_arrow(batched_blocks(todo, config.images.batch_size)) if todo.num_rows else None
+    if prompt_stream is None:
+        return written
+    streamed = prompt_stream.map_batches(
+        planned_images, fn_kwargs={"images_per_prompt": config.images.images_per_prompt, "base_seed": config.images.seed},
+        batch_format="pyarrow", batch_size=None, num_cpus=0)
+    return streamed if written is None else written.union(streamed)
+
+
+def _draw(config, run: RunDir, planned, total: int | None, progress, poll_seconds: float) -> None:
     """Run the Ray Data pipeline in a thread; report progress from the files it has written."""
     import threading
 
     cfg = config.images
-    dataset = image_dataset(todo, config.image_model, GenerationSettings.from_config(cfg), batch_size=cfg.batch_size,
-                            actors=(1, cfg.num_actors), cpus_per_actor=cfg.cpus_per_actor,
-                            gpus_per_actor=cfg.gpus_per_actor)
+    dataset = draw_images(planned, config.image_model, GenerationSettings.from_config(cfg), batch_size=cfg.batch_size,
+                          actors=(1, cfg.num_actors), cpus_per_actor=cfg.cpus_per_actor,
+                          gpus_per_actor=cfg.gpus_per_actor)
     failure: list[BaseException] = []
 
     def write() -> None:
@@ -175,7 +204,8 @@ def _draw(config, run: RunDir, todo: pa.Table, progress, poll_seconds: float) ->
         if writer.is_alive():
             new = _rows_written(run) - before
             elapsed = time.time() - started
-            progress(f"[images] {new}/{todo.num_rows} drawn ({new / elapsed:.2f} images/s, {elapsed:.0f}s)")
+            of_total = f"/{total}" if total is not None else ""
+            progress(f"[images] {new}{of_total} drawn ({new / elapsed:.2f} images/s, {elapsed:.0f}s)")
     if failure:
         raise failure[0]
 
@@ -185,8 +215,17 @@ def image_dataset(rows: pa.Table, model: str, settings: GenerationSettings, *, b
     """The Ray Data pipeline that draws ``rows`` on a pool of (min, max) generator actors."""
     import ray
 
+    return draw_images(ray.data.from_arrow(batched_blocks(rows, batch_size)), model, settings, batch_size=batch_size,
+                       actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
+
+
+def draw_images(planned, model: str, settings: GenerationSettings, *, batch_size: int,
+                actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0):
+    """``planned`` (a dataset of planned image rows) drawn on a pool of (min, max) generator actors."""
+    import ray
+
     threads = max(1, int(cpus_per_actor)) if not gpus_per_actor else None
-    return ray.data.from_arrow(batched_blocks(rows, batch_size)).map_batches(
+    return planned.map_batches(
         GenerateImages,
         fn_constructor_args=(model, settings, threads),
         batch_size=batch_size,

@@ -1,14 +1,41 @@
-"""LLM backends for prompt generation, chosen by ``prompts.backend``."""
+"""LLM backends for prompt generation, chosen by ``prompts.backend``.
+
+Each backend is a Ray Data stage: :func:`complete` takes a dataset of request rows
+(``selma.prompts.stage.REQUEST_SCHEMA``) and adds ``completion``, ``truncated`` and
+``llm_error``. ``template`` and ``transformers`` also run in-process through
+:func:`make_backend` (tests, notebooks).
+"""
 
 from __future__ import annotations
 
 from selma.llm.base import LLMBackend, LLMRequest
 
-BACKENDS = ("template", "transformers")
+BACKENDS = ("template", "transformers", "vllm", "openai")
+
+
+def complete(dataset, config, skills: dict):
+    """Append the LLM stage that :class:`~selma.config.PromptsConfig` names to ``dataset``."""
+    if config.backend == "template":
+        from selma.llm.template import template_stage
+
+        return template_stage(dataset, skills)
+    if config.backend == "transformers":
+        from selma.llm.transformers_backend import transformers_stage
+
+        return transformers_stage(dataset, config)
+    if config.backend == "vllm":
+        from selma.llm.vllm_backend import vllm_stage
+
+        return vllm_stage(dataset, config)
+    if config.backend == "openai":
+        from selma.llm.openai_backend import openai_stage
+
+        return openai_stage(dataset, config)
+    raise ValueError(f"unknown prompts.backend {config.backend!r}; available: {BACKENDS}")
 
 
 def make_backend(config, skills: dict) -> LLMBackend:
-    """Build the backend a :class:`~selma.config.PromptsConfig` names."""
+    """An in-process backend (``template`` or ``transformers``)."""
     if config.backend == "template":
         from selma.llm.template import TemplateBackend
 
@@ -16,10 +43,9 @@ def make_backend(config, skills: dict) -> LLMBackend:
     if config.backend == "transformers":
         from selma.llm.transformers_backend import TransformersBackend
 
-        return TransformersBackend(
-            config.model, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens
-        )
-    raise ValueError(f"unknown prompts.backend {config.backend!r}; available: {BACKENDS}")
+        return TransformersBackend(config.model, temperature=config.temperature, top_p=config.top_p,
+                                   max_tokens=config.max_tokens, batch_size=config.batch_size)
+    raise ValueError(f"prompts.backend {config.backend!r} runs only inside the Ray pipeline")
 
 
-__all__ = ["BACKENDS", "LLMBackend", "LLMRequest", "make_backend"]
+__all__ = ["BACKENDS", "LLMBackend", "LLMRequest", "complete", "make_backend"]

@@ -12,6 +12,8 @@ class LLMRequest:
     seed: int
     num_candidates: int
     first_index: int  # the number the model is asked to continue from (examples + 1)
+    round: int = 0
+    index: int = 0  # position within its round
 
 
 class LLMBackend:
@@ -24,3 +26,49 @@ class LLMBackend:
 
     def close(self) -> None:
         """Release engines or connections."""
+
+
+def requests_from_batch(batch) -> list[LLMRequest]:
+    """The requests in a pyarrow batch of request rows."""
+    names = LLMRequest.__dataclass_fields__
+    return [LLMRequest(**{k: v for k, v in row.items() if k in names}) for row in batch.to_pylist()]
+
+
+def with_completions(batch, texts: list[str], truncated: list[bool] | None = None,
+                     errors: list[str | None] | None = None):
+    """``batch`` plus the ``completion``, ``truncated`` and ``llm_error`` columns."""
+    import pyarrow as pa
+
+    n = batch.num_rows
+    return (batch.append_column("completion", pa.array(texts, pa.string()))
+            .append_column("truncated", pa.array(truncated or [False] * n, pa.bool_()))
+            .append_column("llm_error", pa.array(errors or [None] * n, pa.string())))
+
+
+# ray.data.llm's pre/postprocess maps and HTTP clients are light: reserving CPUs for them
+# would starve the engines and image generators they run beside (and can stall the pipeline).
+PROCESSOR_MAP_KWARGS = {"num_cpus": 0}
+
+
+def _normalize_batch(batch):
+    import pyarrow as pa
+
+    names = set(batch.column_names)
+    n = batch.num_rows
+
+    def column(name, default, type_):
+        return batch.column(name).cast(type_) if name in names else pa.array([default] * n, type_)
+
+    errors = column("llm_error", None, pa.string())
+    if "__inference_error__" in names:  # rows a processor gave up on skip its postprocess
+        engine = batch.column("__inference_error__").to_pylist()
+        errors = pa.array([e or (x or None) for e, x in zip(errors.to_pylist(), engine)], pa.string())
+    return pa.table({"skill": batch.column("skill"), "round": batch.column("round").cast(pa.int32()),
+                     "index": batch.column("index").cast(pa.int32()),
+                     "completion": column("completion", "", pa.string()),
+                     "truncated": column("truncated", False, pa.bool_()), "llm_error": errors})
+
+
+def normalize_completions(dataset):
+    """The processor's output reduced to the completion columns, error rows included."""
+    return dataset.map_batches(_normalize_batch, batch_format="pyarrow", batch_size=None, num_cpus=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 
-from selma.llm.base import LLMBackend, LLMRequest
+from selma.llm.base import LLMBackend, LLMRequest, requests_from_batch, with_completions
 
 NUMBER_WORDS = ["one", "two", "three", "four", "five", "six"]
 
@@ -124,3 +124,13 @@ class TemplateBackend(LLMBackend):
         else:
             raise KeyError(f"pattern slot {{{slot}}} is not in the template vocabulary")
         return word.capitalize() if capital else word
+
+
+def _complete_batch(batch, skills: dict):
+    return with_completions(batch, TemplateBackend(skills).generate(requests_from_batch(batch)))
+
+
+def template_stage(dataset, skills: dict):
+    """Ray Data stage: template completions in light tasks."""
+    return dataset.map_batches(_complete_batch, fn_kwargs={"skills": skills}, batch_size=None,
+                               batch_format="pyarrow", num_cpus=0.1)

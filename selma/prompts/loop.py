@@ -5,10 +5,13 @@ at random from the pool, numbered 1–3, and the LLM continues the list with ~20
 parsed candidate is rejected if its ROUGE-L F-measure with any pool prompt is above 0.8, and
 joins the pool at once otherwise. A skill stops at N accepted prompts.
 
-All skills advance together, one round at a time, so a batch backend (vLLM, an HTTP endpoint)
-sees every skill's requests in one call. Every round's accepted prompts are handed to
-``on_round`` (the stage writes them as one Parquet file), so progress survives a crash and a
-restart rebuilds each pool from what was written.
+:class:`SkillLoop` holds one skill's state as numbered rounds of ``requests_per_round``
+requests. Round ``r`` samples its examples from the pool as it stood after round
+``r - rounds_in_flight`` and completions are filtered strictly in (round, request) order, so
+the accepted prompts depend only on the seed and the LLM's answers, never on timing. With
+``rounds_in_flight = 1`` (the default) this is the paper's sequential loop; larger values keep
+more requests in flight for batch engines. The same object runs in-process
+(:func:`run_in_process`) and inside a Ray actor (:mod:`selma.prompts.pipeline`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from selma.llm.base import LLMBackend, LLMRequest
 from selma.prompts.diversity import DiversityFilter
@@ -35,6 +38,7 @@ def derived_seed(*parts: object) -> int:
 @dataclass
 class SkillStats:
     requests: int = 0
+    failed_requests: int = 0
     candidates: int = 0
     accepted: int = 0
     rejected_similar: int = 0
@@ -43,16 +47,6 @@ class SkillStats:
     def add(self, other: "SkillStats") -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-@dataclass
-class SkillState:
-    skill: object  # selma.skills.Skill
-    pool: list[str]
-    filter: DiversityFilter
-    accepted: int
-    next_round: int
-    stats: SkillStats = field(default_factory=SkillStats)
 
 
 @dataclass
@@ -65,87 +59,180 @@ class PromptRow:
     round: int
 
 
-class PromptLoop:
-    def __init__(self, backend: LLMBackend, config, generator_name: str):
-        self.backend = backend
+@dataclass
+class Completion:
+    """What came back for one request: the text, or the reason there is none."""
+
+    round: int
+    index: int
+    text: str = ""
+    truncated: bool = False
+    error: str | None = None
+
+
+class SkillLoop:
+    """One skill's loop: hands out each round's requests and filters their completions in order."""
+
+    def __init__(self, skill, seeds: list[str], written: list[PromptRow], config, generator_name: str):
+        self.skill = skill
         self.config = config  # selma.config.PromptsConfig
         self.generator_name = generator_name
-
-    def start_skill(self, skill, seeds: list[str], written: list[PromptRow]) -> tuple[SkillState, list[PromptRow]]:
-        """A skill's state from its seeds and the rows already written; returns the seed rows still to write."""
         written_texts = {row.prompt for row in written}
-        new_seed_rows = [
-            PromptRow(prompt_id(skill.name, s), skill.name, s, "seed", "seed", 0)
-            for s in seeds if s not in written_texts
-        ]
+        self.seed_rows = [PromptRow(prompt_id(skill.name, s), skill.name, s, "seed", "seed", 0)
+                          for s in seeds if s not in written_texts]
         llm_rows = [row for row in written if row.origin == "llm"]
-        pool = list(seeds) + [row.prompt for row in llm_rows]
-        state = SkillState(
-            skill=skill,
-            pool=pool,
-            filter=DiversityFilter(self.config.rouge_threshold, pool),
-            accepted=len(llm_rows),
-            next_round=max((row.round for row in written), default=0) + 1,
-        )
-        return state, new_seed_rows
+        self.pool = list(seeds) + [row.prompt for row in llm_rows]
+        self.filter = DiversityFilter(config.rouge_threshold, self.pool)
+        self.accepted = len(llm_rows)
+        self.resumed_from = self.accepted
+        self.first_round = max((row.round for row in written), default=0) + 1
+        self.processed_round = self.first_round - 1
+        self._pool_size_after = {self.processed_round: len(self.pool)}
+        self._issued: dict[int, int] = {}
+        self._pending: dict[int, dict[int, Completion]] = {}
+        self.stats = SkillStats()
+        self.last_error: str | None = None
 
-    def _requests(self, state: SkillState) -> list[LLMRequest]:
+    @property
+    def name(self) -> str:
+        return self.skill.name
+
+    @property
+    def done(self) -> bool:
+        return self.accepted >= self.config.per_skill
+
+    @property
+    def out_of_rounds(self) -> bool:
+        return not self.done and self.processed_round >= self.config.max_rounds
+
+    @property
+    def llm_failing(self) -> bool:
+        """A whole round's worth of requests came back as errors and none succeeded."""
+        return (not self.done and self.stats.requests >= self.config.requests_per_round
+                and self.stats.failed_requests == self.stats.requests)
+
+    @property
+    def finished(self) -> bool:
+        return self.done or self.out_of_rounds or self.llm_failing
+
+    @property
+    def next_unrequested_round(self) -> int:
+        return max([self.processed_round, *self._issued]) + 1
+
+    def ready_for(self, round_number: int) -> bool:
+        """Whether round ``round_number``'s requests can be built (its example pool is final)."""
+        return self.finished or round_number - self.config.rounds_in_flight <= self.processed_round
+
+    def requests(self, round_number: int) -> list[LLMRequest]:
+        """Round ``round_number``'s requests; none once the skill is finished or past max_rounds."""
+        if round_number in self._issued:
+            raise ValueError(f"round {round_number} of skill {self.name!r} was already requested")
+        if not self.ready_for(round_number):
+            raise ValueError(f"round {round_number} of skill {self.name!r} requested before round "
+                             f"{round_number - self.config.rounds_in_flight} was filtered")
+        if self.finished or round_number > self.config.max_rounds or round_number < self.first_round:
+            self._issued[round_number] = 0
+            return []
         cfg = self.config
-        name = state.skill.name
-        rng = random.Random(derived_seed(cfg.seed, name, state.next_round))
+        visible = self.pool[: self._pool_size_after[max(round_number - cfg.rounds_in_flight, self.first_round - 1)]]
+        rng = random.Random(derived_seed(cfg.seed, self.name, round_number))
         requests = []
         for index in range(cfg.requests_per_round):
-            examples = rng.sample(state.pool, min(cfg.examples_per_request, len(state.pool)))
-            requests.append(
-                LLMRequest(
-                    skill=name,
-                    prompt=state.skill.render_instruction(examples, cfg.candidates_per_request),
-                    seed=derived_seed(cfg.seed, name, state.next_round, index),
-                    num_candidates=cfg.candidates_per_request,
-                    first_index=len(examples) + 1,
-                )
-            )
+            examples = rng.sample(visible, min(cfg.examples_per_request, len(visible)))
+            requests.append(LLMRequest(
+                skill=self.name,
+                prompt=self.skill.render_instruction(examples, cfg.candidates_per_request),
+                seed=derived_seed(cfg.seed, self.name, round_number, index),
+                num_candidates=cfg.candidates_per_request,
+                first_index=len(examples) + 1,
+                round=round_number,
+                index=index,
+            ))
+        self._issued[round_number] = len(requests)
         return requests
 
-    def run_round(self, states: list[SkillState]) -> dict[str, list[PromptRow]]:
-        """One request batch for every unfinished skill; returns the rows accepted per skill."""
-        active = [s for s in states if s.accepted < self.config.per_skill]
-        requests = [r for state in active for r in self._requests(state)]
-        completions = self.backend.generate(requests) if requests else []
-        by_skill: dict[str, list[PromptRow]] = {s.skill.name: [] for s in active}
-        states_by_name = {s.skill.name: s for s in active}
-        for request, completion in zip(requests, completions):
-            state = states_by_name[request.skill]
-            state.stats.requests += 1
-            candidates, unparseable = parse_completion(completion or "")
-            state.stats.unparseable += unparseable
-            for text in candidates:
-                if state.accepted >= self.config.per_skill:
-                    break
-                state.stats.candidates += 1
-                if not state.filter.offer(text):
-                    state.stats.rejected_similar += 1
-                    continue
-                state.pool.append(text)
-                state.accepted += 1
-                state.stats.accepted += 1
-                by_skill[request.skill].append(
-                    PromptRow(prompt_id(request.skill, text), request.skill, text, "llm",
-                              self.generator_name, state.next_round)
-                )
-        for state in active:
-            state.next_round += 1
-        return by_skill
+    def add(self, completions: Iterable[Completion]) -> list[tuple[int, list[PromptRow]]]:
+        """Take completions (any order, any subset); filter every round now complete, in order.
 
-    def run(self, states: list[SkillState], on_round: Callable[[dict[str, list[PromptRow]]], None]) -> None:
-        for _ in range(self.config.max_rounds):
-            if all(s.accepted >= self.config.per_skill for s in states):
-                return
-            on_round(self.run_round(states))
-        unfinished = {s.skill.name: s.accepted for s in states if s.accepted < self.config.per_skill}
-        if unfinished:
-            raise RuntimeError(
-                f"prompt generation stopped after prompts.max_rounds={self.config.max_rounds} rounds "
-                f"with too few accepted prompts: {unfinished} (of {self.config.per_skill}); "
-                "the LLM's output may be unparseable or too repetitive"
-            )
+        Returns ``(round, accepted rows)`` for each round filtered by this call.
+        """
+        for completion in completions:
+            expected = self._issued.get(completion.round, 0)
+            if not 0 <= completion.index < expected:
+                raise ValueError(f"skill {self.name!r}: unexpected completion for round {completion.round} "
+                                 f"request {completion.index}")
+            self._pending.setdefault(completion.round, {})[completion.index] = completion
+        filtered = []
+        while True:
+            next_round = self.processed_round + 1
+            expected = self._issued.get(next_round)
+            if expected is None or len(self._pending.get(next_round, {})) < expected:
+                return filtered
+            answers = self._pending.pop(next_round, {})
+            filtered.append((next_round, self._filter_round(next_round, [answers[i] for i in range(expected)])))
+            self.processed_round = next_round
+            self._pool_size_after[next_round] = len(self.pool)
+
+    def _filter_round(self, round_number: int, completions: list[Completion]) -> list[PromptRow]:
+        accepted = []
+        for completion in completions:
+            self.stats.requests += 1
+            if completion.error:
+                self.stats.failed_requests += 1
+                self.last_error = completion.error
+                continue
+            candidates, unparseable = parse_completion(completion.text, truncated=completion.truncated)
+            self.stats.unparseable += unparseable
+            for text in candidates:
+                if self.done:
+                    break
+                self.stats.candidates += 1
+                if not self.filter.offer(text):
+                    self.stats.rejected_similar += 1
+                    continue
+                self.pool.append(text)
+                self.accepted += 1
+                self.stats.accepted += 1
+                accepted.append(PromptRow(prompt_id(self.name, text), self.name, text, "llm",
+                                          self.generator_name, round_number))
+        return accepted
+
+    def failure(self) -> str | None:
+        """Why the skill ended short of ``per_skill`` prompts, or None."""
+        if self.llm_failing:
+            return (f"skill {self.name!r}: all {self.stats.requests} LLM requests failed, the last with: "
+                    f"{self.last_error}")
+        if not self.out_of_rounds:
+            return None
+        reason = (f"skill {self.name!r} stopped after prompts.max_rounds={self.config.max_rounds} rounds with "
+                  f"{self.accepted} of {self.config.per_skill} prompts")
+        if self.stats.failed_requests:
+            return (f"{reason}; {self.stats.failed_requests} of {self.stats.requests} LLM requests failed, "
+                    f"the last with: {self.last_error}")
+        return f"{reason}; the LLM's output may be unparseable or too repetitive ({self.stats})"
+
+
+def raise_if_short(loops: Iterable[SkillLoop]) -> None:
+    failures = [f for f in (loop.failure() for loop in loops) if f]
+    if failures:
+        raise RuntimeError("prompt generation fell short: " + "; ".join(failures))
+
+
+def run_in_process(loops: list[SkillLoop], backend: LLMBackend,
+                   on_round: Callable[[SkillLoop, int, list[PromptRow]], None]) -> None:
+    """Drive the loops round by round with a local backend (tests, notebooks, the benchmark)."""
+    next_round = {loop.name: loop.first_round for loop in loops}
+    while not all(loop.finished for loop in loops):
+        requests = []
+        for loop in loops:
+            while not loop.finished and loop.ready_for(next_round[loop.name]):
+                requests += loop.requests(next_round[loop.name])
+                next_round[loop.name] += 1
+        texts = backend.generate(requests) if requests else []
+        by_skill: dict[str, list[Completion]] = {}
+        for request, text in zip(requests, texts):
+            by_skill.setdefault(request.skill, []).append(Completion(request.round, request.index, text or ""))
+        for loop in loops:
+            for round_number, rows in loop.add(by_skill.get(loop.name, [])):
+                on_round(loop, round_number, rows)
+    raise_if_short(loops)

@@ -1,14 +1,31 @@
-"""The prompt stage: run the SELMA loop for every skill and write ``prompts/<skill>/*.parquet``."""
+"""The prompt stage: SELMA's loop for every skill as one streaming Ray Data pipeline.
+
+::
+
+    round slots ─► BuildRequests ─► LLM (template | transformers | vllm | openai) ─► FilterCompletions ─► prompt rows
+                       ▲                                                                   │
+                       └──────────────── SkillLoopActor (one per skill: pool + filter) ◄───┘
+
+Each skill's pool and diversity filter live in a :class:`SkillLoopActor`. ``BuildRequests``
+asks it for a round's requests (waiting until the rounds they depend on are filtered),
+``FilterCompletions`` hands the completions back; the actor filters whole rounds in order,
+writes each round's accepted prompts to ``prompts/<skill>/round-XXXXX.parquet`` and returns
+them downstream, where ``selma run`` turns them into images in the same pipeline. A rerun
+rebuilds each pool from the written rounds and continues.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import math
+import re
+import threading
 import time
 from dataclasses import asdict
 
 import pyarrow as pa
 
-from selma.llm import make_backend
-from selma.prompts.loop import PromptLoop, PromptRow
+from selma.prompts.loop import Completion, PromptRow, SkillLoop
 from selma.rundir import RunDir
 from selma.skills import load_registry
 
@@ -22,6 +39,19 @@ PROMPT_SCHEMA = pa.schema(
         ("round", pa.int32()),
     ]
 )
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("skill", pa.string()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("num_candidates", pa.int32()),
+        ("first_index", pa.int32()),
+        ("round", pa.int32()),
+        ("index", pa.int32()),
+    ]
+)
+# Filtering needs only these; the LLM stage's other columns are dropped before it.
+COMPLETION_COLUMNS = ["skill", "round", "index", "completion", "truncated", "llm_error"]
 
 
 def rows_to_table(rows: list[PromptRow]) -> pa.Table:
@@ -39,37 +69,224 @@ def generator_name(config) -> str:
     return config.prompts.backend if config.prompts.backend == "template" else f"{config.prompts.backend}:{config.prompts.model}"
 
 
-def run_prompt_stage(config, run: RunDir, progress=print) -> dict:
-    """Generate ``prompts.per_skill`` accepted prompts per skill; resumes from what was written."""
-    registry = load_registry(config.skills.files)
-    backend = make_backend(config.prompts, registry)
-    loop = PromptLoop(backend, config.prompts, generator_name(config))
-    states = []
-    for name in config.skills.names:
-        skill = registry[name]
-        written = read_prompt_rows(run, name)
-        state, seed_rows = loop.start_skill(skill, skill.seed_prompts(config.skills.seeds_per_skill), written)
-        if seed_rows:
-            run.write_table(f"prompts/{name}/round-00000.parquet", rows_to_table(seed_rows))
-        if written:
-            progress(f"[prompts] {name}: resuming with {state.accepted} prompts already written")
-        states.append(state)
+class SkillLoopActor:
+    """A Ray actor (async, 0 CPUs) holding one skill's :class:`SkillLoop` and writing its rounds."""
 
-    started = time.time()
+    def __init__(self, loop: SkillLoop, run_uri: str):
+        self.loop = loop
+        self.run = RunDir(run_uri)
+        self.changed = asyncio.Condition()
 
-    def write_round(accepted: dict[str, list[PromptRow]]) -> None:
-        for name, rows in accepted.items():
+    async def requests(self, round_number: int) -> list[dict]:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.loop.ready_for(round_number))
+        return [asdict(request) for request in self.loop.requests(round_number)]
+
+    async def add(self, completions: list[dict]) -> list[dict]:
+        filtered = self.loop.add(Completion(**row) for row in completions)
+        accepted = []
+        for round_number, rows in filtered:
             if rows:
-                run.write_table(f"prompts/{name}/round-{rows[0].round:05d}.parquet", rows_to_table(rows))
-        done = sum(min(s.accepted, config.prompts.per_skill) for s in states)
-        total = config.prompts.per_skill * len(states)
-        progress(f"[prompts] {done}/{total} accepted ({time.time() - started:.1f}s)")
+                self.run.write_table(f"prompts/{self.loop.name}/round-{round_number:05d}.parquet", rows_to_table(rows))
+            accepted += [asdict(row) for row in rows]
+        if filtered:
+            async with self.changed:
+                self.changed.notify_all()
+        return accepted
 
+    async def next_round(self) -> int:
+        """The first round not yet handed out."""
+        return self.loop.next_unrequested_round
+
+    async def status(self) -> dict:
+        loop = self.loop
+        return {"skill": loop.name, "accepted": loop.accepted, "resumed_from": loop.resumed_from,
+                "finished": loop.finished, "failure": loop.failure(), "stats": asdict(loop.stats)}
+
+
+class BuildRequests:
+    """Turns each round slot into that round's requests; runs on a single 0-CPU actor.
+
+    The slots arrive in order and this actor handles them one at a time, so a slot that waits
+    for its skill's earlier rounds never holds up the rounds it waits for.
+    """
+
+    def __init__(self, actors: dict):
+        self.actors = actors
+
+    def __call__(self, slots: pa.Table) -> pa.Table:
+        import ray
+
+        calls = [self.actors[s].requests.remote(r) for s, r in zip(slots["skill"].to_pylist(), slots["round"].to_pylist())]
+        rows = [row for answer in ray.get(calls) for row in answer]
+        return pa.Table.from_pylist(rows, schema=REQUEST_SCHEMA)
+
+
+class FilterCompletions:
+    """Hands completions to their skill's actor; emits the prompts it accepted (0-CPU actor)."""
+
+    def __init__(self, actors: dict):
+        self.actors = actors
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import ray
+
+        rows = batch.select(COMPLETION_COLUMNS).to_pylist()
+        by_skill: dict[str, list[dict]] = {}
+        for row in rows:
+            by_skill.setdefault(row["skill"], []).append(
+                {"round": row["round"], "index": row["index"], "text": row["completion"] or "",
+                 "truncated": bool(row["truncated"]), "error": row["llm_error"] or None})
+        answers = ray.get([self.actors[skill].add.remote(items) for skill, items in by_skill.items()])
+        return pa.Table.from_pylist([row for answer in answers for row in answer], schema=PROMPT_SCHEMA)
+
+
+class PromptSession:
+    """The driver's side of the prompt stage: the skill actors and the pipeline passes over them."""
+
+    def __init__(self, config, run: RunDir, progress=print):
+        import ray
+
+        self.config, self.run, self.progress = config, run, progress
+        registry = load_registry(config.skills.files)
+        self.registry = registry
+        actor_class = ray.remote(num_cpus=0, max_restarts=0)(SkillLoopActor)
+        self.actors = {}
+        for name in config.skills.names:
+            skill = registry[name]
+            loop = SkillLoop(skill, skill.seed_prompts(config.skills.seeds_per_skill), read_prompt_rows(run, name),
+                             config.prompts, generator_name(config))
+            if loop.seed_rows:
+                run.write_table(f"prompts/{name}/round-00000.parquet", rows_to_table(loop.seed_rows))
+            if loop.resumed_from:
+                progress(f"[prompts] {name}: resuming with {loop.resumed_from} prompts already written")
+            self.actors[name] = actor_class.options(name=None).remote(loop, run.uri)
+        self.started = time.time()
+
+    def statuses(self) -> list[dict]:
+        import ray
+
+        return ray.get([actor.status.remote() for actor in self.actors.values()])
+
+    def pass_dataset(self):
+        """One pipeline pass over enough round slots to finish every skill, or None when all are done.
+
+        A pass cannot end early once its skills finish (a Ray Data source is fixed when it
+        starts), so it is sized from a conservative acceptance rate; a short pass is followed
+        by another.
+        """
+        import ray
+
+        cfg = self.config.prompts
+        slots = []
+        for status, actor in zip(self.statuses(), self.actors.values()):
+            if status["finished"]:
+                continue
+            first = ray.get(actor.next_round.remote())
+            need = cfg.per_skill - status["accepted"]
+            rounds = math.ceil(need / (0.2 * cfg.requests_per_round * cfg.candidates_per_request)) + cfg.rounds_in_flight + 1
+            rounds = max(0, min(rounds, cfg.max_rounds - first + 1))
+            slots += [{"skill": status["skill"], "round": first + offset, "order": offset} for offset in range(rounds)]
+        if not slots:
+            return None
+        slots.sort(key=lambda slot: slot["order"])  # round-major, so every skill advances together
+        from selma.llm import complete
+
+        dataset = ray.data.from_items([{"skill": s["skill"], "round": s["round"]} for s in slots],
+                                      override_num_blocks=len(slots))
+        dataset = dataset.map_batches(BuildRequests, fn_constructor_args=(self.actors,), batch_size=1,
+                                      batch_format="pyarrow", num_cpus=0,
+                                      compute=ray.data.ActorPoolStrategy(size=1))
+        dataset = complete(dataset, cfg, self.registry)
+        return dataset.map_batches(FilterCompletions, fn_constructor_args=(self.actors,), batch_size=None,
+                                   batch_format="pyarrow", num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1))
+
+    def report(self) -> None:
+        statuses = self.statuses()
+        done = sum(min(s["accepted"], self.config.prompts.per_skill) for s in statuses)
+        total = self.config.prompts.per_skill * len(statuses)
+        self.progress(f"[prompts] {done}/{total} accepted ({time.time() - self.started:.1f}s)")
+
+    def result(self) -> dict:
+        statuses = self.statuses()
+        failures = [s["failure"] for s in statuses if s["failure"]]
+        if failures:
+            raise RuntimeError("prompt generation fell short: " + "; ".join(failures))
+        return {"counts": {s["skill"]: s["accepted"] for s in statuses},
+                "stats": {s["skill"]: s["stats"] for s in statuses}}
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            ray.kill(actor)
+
+
+def run_prompt_stage(config, run: RunDir, progress=print, poll_seconds: float = 10.0) -> dict:
+    """Generate ``prompts.per_skill`` accepted prompts per skill; resumes from what was written."""
+    session = PromptSession(config, run, progress)
     try:
-        loop.run(states, write_round)
+        while (dataset := session.pass_dataset()) is not None:
+            _consume(dataset, session, poll_seconds)
+        session.report()
+        return session.result()
     finally:
-        backend.close()
-    stats = {s.skill.name: asdict(s.stats) for s in states}
-    counts = {s.skill.name: s.accepted for s in states}
-    return {"counts": counts, "stats": stats}
+        session.close()
 
+
+def run_prompts_and_images(config, run: RunDir, progress=print, poll_seconds: float = 10.0) -> tuple[dict, dict]:
+    """The prompt stage streamed into the image stage: images are drawn as prompts are accepted."""
+    from selma.images.stage import run_image_stage
+
+    session = PromptSession(config, run, progress)
+    try:
+        images = None
+        while (dataset := session.pass_dataset()) is not None:
+            images = _with_progress(session, poll_seconds,
+                                    lambda: run_image_stage(config, run, progress, poll_seconds, prompt_stream=dataset))
+        session.report()
+        prompts = session.result()
+    finally:
+        session.close()
+    return prompts, images or run_image_stage(config, run, progress, poll_seconds)
+
+
+def _consume(dataset, session: PromptSession, poll_seconds: float) -> None:
+    def drain() -> None:
+        for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pass
+
+    _with_progress(session, poll_seconds, drain)
+
+
+def _with_progress(session: PromptSession, poll_seconds: float, work):
+    stop = threading.Event()
+
+    def report() -> None:
+        while not stop.wait(poll_seconds):
+            session.report()
+
+    reporter = threading.Thread(target=report, name="selma-prompt-progress", daemon=True)
+    reporter.start()
+    try:
+        return work()
+    except Exception as err:
+        if not type(err).__module__.startswith("ray"):
+            raise
+        raise _pipeline_error(session.config.prompts, err) from err
+    finally:
+        stop.set()
+
+
+def _pipeline_error(config, err: Exception) -> RuntimeError:
+    """The failure in one line: Ray's exception chains carry every worker's traceback."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)
+              and not re.search(r"UserCodeException|RayTaskError|RaySystemError", line)]
+    reason = causes[-1] if causes else (lines[-1] if lines else repr(err))
+    if config.backend == "openai":
+        path = "chat/completions" if config.openai.api == "chat" else "completions"
+        return RuntimeError(f"the LLM endpoint {config.openai.base_url}/{path} failed: {reason[:600]} "
+                            "(prompts already accepted are kept; rerun to continue)")
+    return RuntimeError(f"the prompt pipeline failed ({config.backend} backend): {reason[:600]} "
+                        "(prompts already accepted are kept; rerun to continue)")

@@ -84,7 +84,7 @@ def test_sigkill_mid_stage_then_rerun_gives_exactly_the_expected_images(tmp_path
     result = subprocess.run([sys.executable, "-m", "selma", "images", *args], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{partial} of 24 images already written" in result.stdout
+    assert f"{partial} images already written" in result.stdout
     ids = _images(run_dir).column("image_id").to_pylist()
     prompts = RunDir(str(run_dir)).read_table("prompts").to_pylist()
     from selma.images.stage import image_id

@@ -2,66 +2,81 @@ import pytest
 
 from selma.config import load_config
 from selma.llm.template import TemplateBackend
-from selma.prompts.loop import PromptLoop
 from selma.prompts.diversity import rouge_l
+from selma.prompts.loop import Completion, SkillLoop, run_in_process
 from selma.skills import load_registry
 
 
-def _run(config, written=None):
+def _loops(config, written=None, backend_name="template"):
     registry = load_registry()
-    loop = PromptLoop(TemplateBackend(registry), config.prompts, "template")
-    states, rows = [], []
-    for name in config.skills.names:
-        skill = registry[name]
-        state, seed_rows = loop.start_skill(skill, skill.seed_prompts(config.skills.seeds_per_skill),
-                                            (written or {}).get(name, []))
-        rows += seed_rows
-        states.append(state)
-    rounds = []
-    loop.run(states, lambda accepted: rounds.append(accepted))
-    for accepted in rounds:
-        for skill_rows in accepted.values():
-            rows += skill_rows
-    return states, rows
+    return [SkillLoop(registry[n], registry[n].seed_prompts(config.skills.seeds_per_skill),
+                      (written or {}).get(n, []), config.prompts, backend_name) for n in config.skills.names]
+
+
+def _run(config, written=None, backend=None):
+    loops = _loops(config, written)
+    rows = [row for loop in loops for row in loop.seed_rows]
+    run_in_process(loops, backend or TemplateBackend(load_registry()), lambda loop, rnd, accepted: rows.extend(accepted))
+    return loops, rows
 
 
 def test_every_skill_reaches_n_diverse_prompts_reproducibly():
     config = load_config("tiny", ["prompts.per_skill=25"])
-    states, rows = _run(config)
+    loops, rows = _run(config)
     llm = [r for r in rows if r.origin == "llm"]
     for name in config.skills.names:
         texts = [r.prompt for r in llm if r.skill == name]
         assert len(texts) == 25
         assert len({r.prompt_id for r in llm if r.skill == name}) == 25
         pool = [r.prompt for r in rows if r.skill == name]
-        for i, text in enumerate(texts[:10]):
+        for text in texts[:10]:
             assert all(rouge_l(other, text) <= 0.8 for other in pool if other != text)
-    stats = {s.skill.name: s.stats for s in states}
-    assert all(s.accepted == 25 and s.requests >= 1 for s in stats.values())
+    assert all(loop.stats.accepted == 25 and loop.stats.requests >= 1 for loop in loops)
     assert [r.prompt for r in _run(config)[1]] == [r.prompt for r in rows]
     countbench = [r.prompt.lower() for r in llm if r.skill == "countbench"]
     assert not any(word in text.split() for text in countbench for word in ("four", "five", "six"))
 
 
+def test_a_different_seed_gives_different_prompts():
+    first = _run(load_config("tiny", ["prompts.per_skill=10"]))[1]
+    second = _run(load_config("tiny", ["prompts.per_skill=10", "prompts.seed=1"]))[1]
+    assert {r.prompt for r in first if r.origin == "llm"} != {r.prompt for r in second if r.origin == "llm"}
+
+
 def test_requests_show_three_examples_from_the_pool_and_the_skill_rules():
     config = load_config("tiny")
     registry = load_registry()
-    seen = []
-
-    class Recorder(TemplateBackend):
-        def generate(self, requests):
-            seen.extend(requests)
-            return super().generate(requests)
-
-    loop = PromptLoop(Recorder(registry), config.prompts, "template")
     skill = registry["countbench"]
-    state, _ = loop.start_skill(skill, skill.seed_prompts(3), [])
-    loop.run_round([state])
-    request = seen[0].prompt
+    loop = SkillLoop(skill, skill.seed_prompts(3), [], config.prompts, "template")
+    request = loop.requests(1)[0].prompt
     assert "never larger than 3" in request
     assert "Create 20 more diverse image descriptions" in request
     assert request.rstrip().endswith("4.")
     assert sum(seed in request for seed in skill.seed_prompts(3)) == 3
+
+
+def test_rounds_wait_for_the_rounds_they_sample_from_and_filter_in_order():
+    config = load_config("tiny", ["prompts.per_skill=500", "prompts.requests_per_round=2",
+                                  "prompts.rounds_in_flight=2", "skills.names=[coco]"])
+    registry = load_registry()
+    loop = _loops(config)[0]
+    backend = TemplateBackend(registry)
+    first, second = loop.requests(1), loop.requests(2)
+    assert not loop.ready_for(3)
+    with pytest.raises(ValueError, match="before round 1 was filtered"):
+        loop.requests(3)
+    answers = {(r.round, r.index): text for r, text in zip(first + second, backend.generate(first + second))}
+    # Round 2 arrives first: nothing can be filtered until round 1 is complete.
+    assert loop.add([Completion(2, i, answers[(2, i)]) for i in range(2)]) == []
+    assert loop.add([Completion(1, 1, answers[(1, 1)])]) == []
+    filtered = loop.add([Completion(1, 0, answers[(1, 0)])])
+    assert [round_number for round_number, _ in filtered] == [1, 2]
+    assert loop.ready_for(3) and loop.ready_for(4) and not loop.ready_for(5)
+    # The same answers in order give the same prompts.
+    in_order = _loops(config)[0]
+    in_order.requests(1), in_order.requests(2)
+    expected = in_order.add([Completion(r, i, answers[(r, i)]) for r in (1, 2) for i in range(2)])
+    assert [[row.prompt for row in rows] for _, rows in filtered] == [[row.prompt for row in rows] for _, rows in expected]
 
 
 def test_resume_from_written_rows_finishes_without_duplicates():
@@ -70,13 +85,16 @@ def test_resume_from_written_rows_finishes_without_duplicates():
     partial = {}
     for name in ("coco", "whoops"):
         rows = [r for r in full if r.skill == name]
-        partial[name] = rows[: 3 + 7]  # the seeds and the first 7 accepted prompts
+        first_round = [r for r in rows if r.round <= 1]
+        partial[name] = first_round  # the seeds and round 1, as a crash after round 1 leaves them
     _, rest = _run(config, partial)
     for name in ("coco", "whoops"):
         combined = partial[name] + [r for r in rest if r.skill == name]
         llm = [r.prompt_id for r in combined if r.origin == "llm"]
         assert len(llm) == 20 and len(set(llm)) == 20
         assert not [r for r in rest if r.skill == name and r.origin == "seed"]
+        # Resuming after a whole round reproduces the uninterrupted run exactly.
+        assert [r.prompt for r in combined] == [r.prompt for r in full if r.skill == name]
 
 
 def test_a_backend_that_returns_garbage_gives_a_clear_error():
@@ -86,9 +104,26 @@ def test_a_backend_that_returns_garbage_gives_a_clear_error():
         def generate(self, requests):
             return ["\x00\x00 ###"] * len(requests)
 
-    registry = load_registry()
-    loop = PromptLoop(Garbage(), config.prompts, "garbage")
-    state, _ = loop.start_skill(registry["coco"], registry["coco"].seed_prompts(3), [])
+    loops = _loops(config, backend_name="garbage")
     with pytest.raises(RuntimeError, match="max_rounds=3"):
-        loop.run([state], lambda accepted: None)
-    assert state.stats.unparseable >= 3 and state.accepted == 0
+        run_in_process(loops, Garbage(), lambda loop, rnd, rows: None)
+    assert loops[0].stats.unparseable >= 3 and loops[0].accepted == 0
+
+
+def test_a_failing_llm_stops_after_one_round_with_its_error():
+    config = load_config("tiny", ["prompts.requests_per_round=2", "skills.names=[coco]"])
+    loop = _loops(config)[0]
+    loop.requests(1)
+    loop.add([Completion(1, i, error="HTTP 401: invalid api key") for i in range(2)])
+    assert loop.finished and not loop.done
+    assert "all 2 LLM requests failed" in loop.failure() and "invalid api key" in loop.failure()
+
+
+def test_truncated_completions_lose_only_their_last_line():
+    config = load_config("tiny", ["skills.names=[coco]", "prompts.per_skill=5"])
+    loop = _loops(config)[0]
+    loop.requests(1)
+    text = " A red kite above a quiet beach today\n5. Two dogs chasing a ball in a park\n6. A tall lamp next to"
+    (_, rows), = loop.add([Completion(1, 0, text, truncated=True)])
+    assert [r.prompt for r in rows] == ["A red kite above a quiet beach today", "Two dogs chasing a ball in a park"]
+    assert loop.stats.unparseable == 1

@@ -53,3 +53,10 @@ def test_truncated_last_line_is_dropped():
 def test_garbage_gives_nothing():
     assert parse_completion("")[0] == []
     assert parse_completion("\x00\x01 ### ---")[0] == []
+
+
+def test_undecodable_and_control_characters_are_cleaned_or_dropped():
+    text = " A red kite \ufffd\ufffd over a beach\n5. \udcff\udcfe\x07\n6. Two dogs\x1b[0m chasing a ball"
+    candidates, unparseable = parse_completion(text)
+    assert candidates == ["A red kite \ufffd\ufffd over a beach", "Two dogs[0m chasing a ball"]
+    assert unparseable == 1

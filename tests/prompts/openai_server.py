@@ -1,0 +1,92 @@
+"""A small local server speaking the OpenAI completions and chat-completions protocol.
+
+It stands in for a paid endpoint in tests: answers continue the numbered list of the request
+with phrases from selma's template generator (seeded by the request's ``seed``), and it can
+be made slow, flaky (503s), or refuse every request (401 with an OpenAI-shaped error).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from selma.llm.base import LLMRequest
+from selma.llm.template import TemplateBackend
+from selma.skills import load_registry
+
+LAST_NUMBER = re.compile(r"(\d+)\.\s*$")
+
+
+class FakeOpenAI:
+    def __init__(self, *, delay_s: float = 0.0, unavailable_first: int = 0, api_key: str | None = None,
+                 candidates: int = 5):
+        self.delay_s, self.unavailable_left, self.api_key = delay_s, unavailable_first, api_key
+        self.candidates = candidates
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.lock = threading.Lock()
+        self.template = TemplateBackend(load_registry())
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, answer = server.answer(self.path, dict(self.headers), body)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> "FakeOpenAI":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def answer(self, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
+        with self.lock:
+            self.headers.append(headers)
+            if self.unavailable_left > 0:
+                self.unavailable_left -= 1
+                return 503, {"error": {"message": "overloaded", "type": "server_error"}}
+        if self.api_key and headers.get("Authorization") != f"Bearer {self.api_key}":
+            return 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return 400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}}
+        with self.lock:
+            self.requests.append(payload)
+        time.sleep(self.delay_s)
+        chat = path.endswith("/chat/completions")
+        prompt = payload["messages"][-1]["content"] if chat else payload["prompt"]
+        match = LAST_NUMBER.search(prompt)
+        first_index = int(match.group(1)) if match else 1
+        text = self.template.generate([LLMRequest(skill="coco", prompt=prompt, seed=int(payload.get("seed", 0)),
+                                                  num_candidates=self.candidates, first_index=first_index)])[0]
+        if chat:
+            lines = text.strip().split("\n")
+            text = "Here are more descriptions:\n" + "\n".join([f"{first_index}. {lines[0]}", *lines[1:]])
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": "stop"}
+        return 200, {"id": f"cmpl-{random.getrandbits(32)}", "object": "chat.completion" if chat else "text_completion",
+                     "model": payload.get("model"), "choices": [choice]}
