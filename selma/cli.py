@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run every stage: prompts → images → train → merge")
     _add_run_arguments(run)
+    run.add_argument("--until", choices=list(STAGE_HELP), default="merge",
+                     help="stop after this stage (e.g. --until images to build an image-text dataset)")
     for name, text in STAGE_HELP.items():
         _add_run_arguments(commands.add_parser(name, help=text, description=text))
 
@@ -71,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     skills = commands.add_parser("skills", help="list or show skills")
     skill_commands = skills.add_subparsers(dest="skills_command", required=True)
-    skill_commands.add_parser("list", help="list the built-in skills")
+    listing = skill_commands.add_parser("list", help="list the built-in skills and those in --file")
     show = skill_commands.add_parser("show", help="show one skill")
     show.add_argument("name")
+    for command in (listing, show):
+        command.add_argument("--file", action="append", default=[], help="a skill YAML file (repeatable)")
     return parser
 
 
@@ -90,7 +94,7 @@ def _cmd_stages(args) -> int:
     from selma.pipeline import STAGE_NAMES, format_summary, run_stages
 
     config = _load_config(args)
-    names = STAGE_NAMES if args.command == "run" else (args.command,)
+    names = STAGE_NAMES[: STAGE_NAMES.index(args.until) + 1] if args.command == "run" else (args.command,)
     summary = run_stages(config, names, restart=args.restart)
     print()
     print(format_summary(summary))
@@ -118,9 +122,13 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_skills(args) -> int:
-    from selma.skills import builtin_skills
+    from selma.skills import SkillError, load_registry
 
-    skills = builtin_skills()
+    try:
+        skills = load_registry(args.file)
+    except SkillError as err:
+        print(f"selma: {err}", file=sys.stderr)
+        return 2
     if args.skills_command == "list":
         for skill in skills.values():
             print(f"{skill.name:<22} {skill.description}")
