@@ -212,8 +212,9 @@ class SkillLoop:
         return f"{reason}; the LLM's output may be unparseable or too repetitive ({self.stats})"
 
 
-def raise_if_short(loops: Iterable[SkillLoop]) -> None:
-    failures = [f for f in (loop.failure() for loop in loops) if f]
+def raise_if_short(failures: Iterable[str | None]) -> None:
+    """Raise one error naming every skill that ended short of ``per_skill`` (``SkillLoop.failure()``)."""
+    failures = [failure for failure in failures if failure]
     if failures:
         raise RuntimeError("prompt generation fell short: " + "; ".join(failures))
 
@@ -235,4 +236,4 @@ def run_in_process(loops: list[SkillLoop], backend: LLMBackend,
         for loop in loops:
             for round_number, rows in loop.add(by_skill.get(loop.name, [])):
                 on_round(loop, round_number, rows)
-    raise_if_short(loops)
+    raise_if_short(loop.failure() for loop in loops)

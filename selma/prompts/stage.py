@@ -25,7 +25,7 @@ from dataclasses import asdict
 
 import pyarrow as pa
 
-from selma.prompts.loop import Completion, PromptRow, SkillLoop
+from selma.prompts.loop import Completion, PromptRow, SkillLoop, raise_if_short
 from selma.rundir import RunDir
 from selma.skills import load_registry
 
@@ -94,13 +94,9 @@ class SkillLoopActor:
                 self.changed.notify_all()
         return accepted
 
-    async def next_round(self) -> int:
-        """The first round not yet handed out."""
-        return self.loop.next_unrequested_round
-
     async def status(self) -> dict:
         loop = self.loop
-        return {"skill": loop.name, "accepted": loop.accepted, "resumed_from": loop.resumed_from,
+        return {"skill": loop.name, "accepted": loop.accepted, "next_round": loop.next_unrequested_round,
                 "finished": loop.finished, "failure": loop.failure(), "stats": asdict(loop.stats)}
 
 
@@ -147,9 +143,8 @@ class PromptSession:
     def __init__(self, config, run: RunDir, progress=print):
         import ray
 
-        self.config, self.run, self.progress = config, run, progress
-        registry = load_registry(config.skills.files)
-        self.registry = registry
+        self.config, self.progress = config, progress
+        self.registry = registry = load_registry(config.skills.files)
         actor_class = ray.remote(num_cpus=0, max_restarts=0)(SkillLoopActor)
         self.actors = {}
         for name in config.skills.names:
@@ -160,7 +155,7 @@ class PromptSession:
                 run.write_table(f"prompts/{name}/round-00000.parquet", rows_to_table(loop.seed_rows))
             if loop.resumed_from:
                 progress(f"[prompts] {name}: resuming with {loop.resumed_from} prompts already written")
-            self.actors[name] = actor_class.options(name=None).remote(loop, run.uri)
+            self.actors[name] = actor_class.remote(loop, run.uri)
         self.started = time.time()
 
     def statuses(self) -> list[dict]:
@@ -179,10 +174,10 @@ class PromptSession:
 
         cfg = self.config.prompts
         slots = []
-        for status, actor in zip(self.statuses(), self.actors.values()):
+        for status in self.statuses():
             if status["finished"]:
                 continue
-            first = ray.get(actor.next_round.remote())
+            first = status["next_round"]
             need = cfg.per_skill - status["accepted"]
             rounds = math.ceil(need / (0.2 * cfg.requests_per_round * cfg.candidates_per_request)) + cfg.rounds_in_flight + 1
             rounds = max(0, min(rounds, cfg.max_rounds - first + 1))
@@ -209,9 +204,7 @@ class PromptSession:
 
     def result(self) -> dict:
         statuses = self.statuses()
-        failures = [s["failure"] for s in statuses if s["failure"]]
-        if failures:
-            raise RuntimeError("prompt generation fell short: " + "; ".join(failures))
+        raise_if_short([s["failure"] for s in statuses])
         return {"counts": {s["skill"]: s["accepted"] for s in statuses},
                 "stats": {s["skill"]: s["stats"] for s in statuses}}
 
