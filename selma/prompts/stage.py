@@ -101,20 +101,19 @@ class SkillLoopActor:
 
 
 class BuildRequests:
-    """Turns each round slot into that round's requests; runs on a single 0-CPU actor.
+    """Turns each round slot into that round's requests, on one async 0-CPU actor.
 
-    The slots arrive in order and this actor handles them one at a time, so a slot that waits
-    for its skill's earlier rounds never holds up the rounds it waits for.
+    Every slot is in flight at once and waits (without blocking the others) until its skill's
+    earlier rounds are filtered: Ray Data does not promise to hand slots over in order, and a
+    slot waiting in front of the round it depends on would otherwise stall the pipeline.
     """
 
     def __init__(self, actors: dict):
         self.actors = actors
 
-    def __call__(self, slots: pa.Table) -> pa.Table:
-        import ray
-
+    async def __call__(self, slots: pa.Table) -> pa.Table:
         calls = [self.actors[s].requests.remote(r) for s, r in zip(slots["skill"].to_pylist(), slots["round"].to_pylist())]
-        rows = [row for answer in ray.get(calls) for row in answer]
+        rows = [row for answer in await asyncio.gather(*calls) for row in answer]
         return pa.Table.from_pylist(rows, schema=REQUEST_SCHEMA)
 
 
@@ -191,7 +190,8 @@ class PromptSession:
                                       override_num_blocks=len(slots))
         dataset = dataset.map_batches(BuildRequests, fn_constructor_args=(self.actors,), batch_size=1,
                                       batch_format="pyarrow", num_cpus=0,
-                                      compute=ray.data.ActorPoolStrategy(size=1))
+                                      compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=len(slots),
+                                                                         max_concurrent_calls_per_actor=len(slots)))
         dataset = complete(dataset, cfg, self.registry)
         return dataset.map_batches(FilterCompletions, fn_constructor_args=(self.actors,), batch_size=None,
                                    batch_format="pyarrow", num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1))
