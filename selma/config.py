@@ -125,7 +125,12 @@ class ImagesConfig(_Section):
         return value
 
 
+JOINT_EXPERT = "joint"
+
+
 class TrainConfig(_Section):
+    mode: Literal["experts", "joint"] = Field(
+        "experts", description="experts: one LoRA per skill (SELMA); joint: one LoRA on all skills' data (the paper's baseline)")
     rank: int = Field(128, ge=1)
     alpha: float = Field(128, gt=0)
     init_lora_weights: Literal["gaussian", "default"] = "gaussian"
@@ -151,6 +156,8 @@ class TrainConfig(_Section):
     data_cpus: float = Field(1, gt=0, description="CPUs per Ray Data task that decodes and tokenises")
     data_workers: int = Field(4, ge=1, description="concurrent Ray Data preprocessing tasks per expert")
     checkpoint_every: int = Field(500, ge=1)
+    max_concurrent_experts: int | None = Field(
+        None, ge=1, description="experts training at once; None: as many as the cluster's resources hold, the rest queue")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
 
@@ -240,6 +247,11 @@ class SelmaConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def expert_names(self) -> list[str]:
+        """The adapters the train stage writes under ``experts/``: one per skill, or ``joint``."""
+        return [JOINT_EXPERT] if self.train.mode == "joint" else list(self.skills.names)
 
     @property
     def image_model(self) -> str:
@@ -375,9 +387,12 @@ def _check_cross_references(config: SelmaConfig) -> None:
         raise ConfigError(
             f"invalid config:\n  merge.method: unknown method {config.merge.method!r}; known: {sorted(MERGE_METHODS)}"
         )
+    if config.train.mode == "joint" and JOINT_EXPERT in config.skills.names:
+        raise ConfigError(f"invalid config:\n  skills.names: {JOINT_EXPERT!r} names the joint adapter when "
+                          "train.mode is joint; rename that skill")
     if config.merge.weights is not None:
-        stray = sorted(set(config.merge.weights) - set(config.skills.names))
-        absent = sorted(set(config.skills.names) - set(config.merge.weights))
+        stray = sorted(set(config.merge.weights) - set(config.expert_names))
+        absent = sorted(set(config.expert_names) - set(config.merge.weights))
         if stray or absent:
-            raise ConfigError(f"invalid config:\n  merge.weights: must give one weight per skill "
-                              f"(not skills of this run: {stray}; missing: {absent})")
+            raise ConfigError(f"invalid config:\n  merge.weights: must give one weight per expert "
+                              f"(not experts of this run: {stray}; missing: {absent})")

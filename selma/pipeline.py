@@ -17,16 +17,18 @@ class Stage:
     sections: tuple[str, ...]  # config sections that decide this stage's output
     needs_ray: bool
     runner: str  # "module:function", imported when the stage runs
+    preflight: str | None = None  # "module:function(config)": checks run before any stage starts
 
-    def load(self) -> Callable:
-        module, function = self.runner.split(":")
+    def load(self, target: str | None = None) -> Callable:
+        module, function = (target or self.runner).split(":")
         return getattr(__import__(module, fromlist=[function]), function)
 
 
 STAGES = (
     Stage("prompts", ("skills", "prompts"), True, "selma.prompts.stage:run_prompt_stage"),
     Stage("images", ("model", "images"), True, "selma.images.stage:run_image_stage"),
-    Stage("train", ("model", "train"), True, "selma.train.experts:run_train_stage"),
+    Stage("train", ("model", "train"), True, "selma.train.experts:run_train_stage",
+          "selma.train.experts:preflight_train"),
     Stage("merge", ("merge",), False, "selma.merge.stage:run_merge_stage"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -66,6 +68,9 @@ def run_stages(config, names: tuple[str, ...] = STAGE_NAMES, *, restart: bool = 
             run.discard_stage(later)
             progress(f"[{later}] discarded for --restart")
     pending = [s.name for s in STAGES if s.name in names and not run.is_committed(s.name, hashes[s.name])]
+    for stage in STAGES:
+        if stage.name in pending and stage.preflight:
+            stage.load(stage.preflight)(config)
     streamed: set[str] = set()
     for stage in STAGES:
         if stage.name not in names:

@@ -54,6 +54,9 @@ BAD = [
     (["train.effective_batch_size=6"], "train"),
     (["merge.method=averaging"], "merge.method"),
     (["merge.weights={coco: 1.0, nope: 1.0}"], "merge.weights"),
+    (["train.mode=joint", "merge.weights={coco: 1.0}"], "merge.weights"),
+    (["train.mode=both"], "train.mode"),
+    (["train.max_concurrent_experts=0"], "train.max_concurrent_experts"),
     (["prompts.backend=transformers"], "prompts"),
     (["serve.max_ongoing_requests=1"], "serve"),
     (["images=3"], "images"),
@@ -61,6 +64,12 @@ BAD = [
     (["noequals"], "key.sub=value"),
     (["model=null"], "model"),
 ]
+
+
+def test_joint_mode_trains_one_expert_named_joint():
+    config = load_config("tiny", ["train.mode=joint", "merge.weights={joint: 1.0}"])
+    assert config.expert_names == ["joint"]
+    assert load_config("tiny").expert_names == load_config("tiny").skills.names
 
 
 @pytest.mark.parametrize("overrides,field", BAD)

@@ -16,12 +16,13 @@ from selma.rundir import RunDir
 def run_merge_stage(config, run: RunDir, progress=print) -> dict:
     from selma.merge.methods import merge_experts
 
-    missing = [s for s in config.skills.names if not run.exists("experts", s)]
+    names = config.expert_names
+    missing = [s for s in names if not run.exists("experts", s)]
     if missing:
         raise RuntimeError(f"merge: no trained expert for skill(s) {missing} in {run.uri}; run `selma train` first")
     merge = config.merge
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="selma-merge-") as out:
-        experts = {s: stack.enter_context(run.local_copy(f"experts/{s}")) for s in config.skills.names}
+        experts = {s: stack.enter_context(run.local_copy(f"experts/{s}")) for s in names}
         report = merge_experts(
             experts, Path(out), method=merge.method, weights=merge.weights, normalize=merge.normalize,
             options=merge.options, fuse_into=config.model if merge.fused_pipeline else None,

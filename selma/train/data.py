@@ -1,4 +1,9 @@
-"""Ray Data preprocessing for training, run on CPUs: PNG decoding, crop/flip, tokenisation."""
+"""Ray Data preprocessing for training, run on CPUs: Parquet reading, PNG decoding, crop/flip, tokenisation.
+
+All epochs stream from one Ray Data execution: the source is a plan of (file, epoch) items, each read
+with pyarrow by :func:`read_and_prepare` and re-augmented every time it comes round. (``read_parquet``
+over a repeated file list would not do: it reads each distinct path once.)
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,50 @@ import logging
 import numpy as np
 
 
-def prepare_training_batch(batch: dict[str, np.ndarray], *, model: str, resolution: int, random_crop: bool = True,
-                           random_flip: bool = True) -> dict[str, np.ndarray]:
-    """``map_batches`` function (fused with the Parquet read into one task, holding no actor)."""
-    return _preparer(model, resolution, random_crop, random_flip)(batch)
+def image_problem(data) -> str | None:
+    """Why an image cell cannot be trained on, or None. Cheap: checks the PNG chunks, decodes nothing."""
+    from PIL import Image
+
+    if isinstance(data, dict):  # Hugging Face Image storage: {"bytes", "path"}
+        data = data.get("bytes")
+    if not data:
+        return "no image bytes"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except Exception as err:
+        return f"undecodable image: {type(err).__name__}: {err}"
+    return None
+
+
+def find_unusable_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``map_batches`` function: one row per unusable image (``skill``, ``image_id``, ``problem``)."""
+    found = [(skill, image_id, problem) for skill, image_id, data in zip(batch["skill"], batch["image_id"], batch["image"])
+             if (problem := image_problem(data)) is not None]
+    columns = list(zip(*found)) or [(), (), ()]
+    return {name: np.array(values, dtype=object) for name, values in zip(("skill", "image_id", "problem"), columns)}
+
+
+def epoch_plan(files: list[str], epochs: int, seed: int) -> list[dict]:
+    """``epochs`` passes over ``files``, each in its own seeded order."""
+    rng = np.random.default_rng(seed)
+    return [{"path": files[i], "epoch": epoch} for epoch in range(epochs) for i in rng.permutation(len(files))]
+
+
+def read_and_prepare(items: dict[str, np.ndarray], *, run_uri: str, model: str, resolution: int, rows_per_batch: int,
+                     random_crop: bool = True, random_flip: bool = True):
+    """``map_batches`` generator: for each planned file, its rows in prepared batches of ``rows_per_batch``."""
+    import pyarrow.parquet as pq
+
+    from selma.rundir import RunDir
+
+    filesystem = RunDir(run_uri).fs
+    prepare = _preparer(model, resolution, random_crop, random_flip)
+    for path in items["path"]:
+        with filesystem.open_input_file(str(path)) as handle:
+            for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=rows_per_batch, columns=["image", "prompt"]):
+                columns = record_batch.to_pydict()
+                yield prepare({"image": columns["image"], "prompt": columns["prompt"]})
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from selma.raylib import quiet_ray_data
@@ -26,7 +26,8 @@ PROGRESS_ACTOR = "selma-train-progress"
 class ExpertJob:
     """Everything one expert's trainer needs; plain data so it travels to Ray workers."""
 
-    skill: str
+    skill: str  # the expert's name: a skill, or "joint"
+    skills: tuple[str, ...]  # the skills whose images it trains on
     model: str
     run_uri: str
     resolution: int
@@ -59,10 +60,13 @@ class ExpertJob:
     progress_actor: str | None = None
 
     @classmethod
-    def from_config(cls, config, skill: str, run: RunDir, resolution: int, progress_actor: str | None = None):
+    def from_config(cls, config, expert: str, run: RunDir, resolution: int, progress_actor: str | None = None):
+        from selma.config import JOINT_EXPERT
+
         t = config.train
+        skills = tuple(config.skills.names) if expert == JOINT_EXPERT and t.mode == "joint" else (expert,)
         return cls(
-            skill=skill, model=config.model, run_uri=run.uri, resolution=resolution, rank=t.rank, alpha=t.alpha,
+            skill=expert, skills=skills, model=config.model, run_uri=run.uri, resolution=resolution, rank=t.rank, alpha=t.alpha,
             init_lora_weights=t.init_lora_weights, target_modules=tuple(t.target_modules),
             learning_rate=t.learning_rate, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
             adam_epsilon=t.adam_epsilon, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
@@ -80,174 +84,99 @@ class ExpertJob:
 
         return LoraSettings(self.rank, self.alpha, self.init_lora_weights, self.target_modules)
 
-    def deepspeed_config(self) -> dict:
-        return {
-            "train_micro_batch_size_per_gpu": self.batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "gradient_clipping": self.max_grad_norm,
-            "zero_optimization": {"stage": self.zero_stage},
-            "bf16": {"enabled": self.mixed_precision == "bf16"},
-            "fp16": {"enabled": self.mixed_precision == "fp16"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+    @property
+    def optimizer(self):
+        from selma.train.step import OptimizerSettings
 
-
-class _Stepper:
-    """Backward + optimizer step with gradient accumulation, for DDP and DeepSpeed alike."""
-
-    def __init__(self, job: ExpertJob, unet, parameters):
-        import torch
-
-        self.job = job
-        self.parameters = parameters
-        optimizer = torch.optim.AdamW(parameters, lr=job.learning_rate, betas=(job.adam_beta1, job.adam_beta2),
-                                      eps=job.adam_epsilon, weight_decay=job.weight_decay)
-        if job.strategy == "deepspeed":
-            import deepspeed
-
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=unet, optimizer=optimizer, config=job.deepspeed_config(), dist_init_required=False)
-            self.model = self.engine
-        else:
-            import ray.train.torch
-
-            self.engine = None
-            self.optimizer = optimizer
-            self.model = ray.train.torch.prepare_model(unet, move_to_device=False)
-        self.micro_steps = 0
-
-    def backward_and_step(self, loss) -> bool:
-        """Returns True when this micro-batch completed an optimizer step."""
-        import torch
-
-        self.micro_steps += 1
-        if self.engine is not None:
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            self.engine.backward(loss)
-            self.engine.step()
-            return boundary
-        (loss / self.job.gradient_accumulation_steps).backward()
-        if self.micro_steps % self.job.gradient_accumulation_steps:
-            return False
-        torch.nn.utils.clip_grad_norm_(self.parameters, self.job.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return True
-
-    def save(self, directory: Path, unet, rank: int) -> None:
-        import torch
-        from safetensors.torch import save_file
-
-        from selma.train.step import lora_state_dict
-
-        if self.engine is not None:
-            self.engine.save_checkpoint(str(directory), tag="deepspeed")
-        elif rank == 0:
-            save_file(lora_state_dict(unet), str(directory / "lora.safetensors"))
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-
-    def restore(self, directory: Path, unet) -> None:
-        import torch
-        from safetensors.torch import load_file
-
-        from selma.train.step import load_lora_state_dict
-
-        if self.engine is not None:
-            self.engine.load_checkpoint(str(directory), tag="deepspeed")
-            return
-        load_lora_state_dict(unet, load_file(str(directory / "lora.safetensors")))
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        return OptimizerSettings(
+            learning_rate=self.learning_rate, betas=(self.adam_beta1, self.adam_beta2), epsilon=self.adam_epsilon,
+            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, micro_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps, strategy=self.strategy,
+            zero_stage=self.zero_stage, mixed_precision=self.mixed_precision)
 
 
 def train_expert_loop(job_fields: dict) -> None:
     """Ray Train worker loop for one expert."""
-    import ray
     import ray.train
     import ray.train.torch
     import torch
 
     from selma.prompts.loop import derived_seed
-    from selma.train.step import diffusion_loss, load_training_components
+    from selma.train.step import LoraTrainStep, load_training_components
 
     job = ExpertJob(**job_fields)
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     if not job.use_gpu:
         torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     torch.manual_seed(derived_seed(job.seed, job.skill, "init"))  # same LoRA init on every worker
     components = load_training_components(job.model, job.lora, mixed_precision=job.mixed_precision,
                                           device=str(device))
-    unet = components.unet
-    stepper = _Stepper(job, unet, components.lora_parameters())
-    components.unet = stepper.model
-
-    step, metrics = 0, []
+    trainer = LoraTrainStep(components, job.optimizer, seed=derived_seed(job.seed, job.skill, rank))
+    metrics: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            directory = Path(directory)
-            state = json.loads((directory / "state.json").read_text())
-            stepper.restore(directory, unet)
-            step = state["step"]
-            metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line]
-    generator = torch.Generator(device=device).manual_seed(derived_seed(job.seed, job.skill, rank, step))
+            trainer.load_checkpoint(directory, rank)
+            metrics = _read_metrics(Path(directory) / "metrics.jsonl")[: trainer.step]
     board = _progress_board(job.progress_actor) if rank == 0 else None
-    autocast = torch.autocast(device.type, dtype=components.weight_dtype,
-                              enabled=job.mixed_precision != "no" and job.strategy != "deepspeed")
+    if checkpoint and board is not None:
+        board.resumed.remote(job.skill, trainer.step)
     shard = ray.train.get_dataset_shard("train")
-    window_start, window_samples, running_loss = time.time(), 0, []
-    while step < job.max_steps:
+    window_start, window_samples, window_losses = None, 0, []
+    while trainer.step < job.max_steps:
         batches = 0
         for batch in shard.iter_torch_batches(batch_size=job.batch_size, drop_last=True, device=device,
                                               local_shuffle_buffer_size=4 * job.batch_size):
             batches += 1
-            with autocast:
-                loss = diffusion_loss(components, batch, generator)
-            running_loss.append(loss.item())
-            window_samples += batch["pixel_values"].shape[0] * context.get_world_size()
-            if not stepper.backward_and_step(loss):
+            window_start = window_start or time.time()
+            loss, stepped = trainer.train_micro_batch(batch)
+            window_losses.append(loss)
+            window_samples += batch["pixel_values"].shape[0] * world_size
+            if not stepped:
                 continue
-            step += 1
             elapsed = max(time.time() - window_start, 1e-9)
-            record = {"step": step, "loss": sum(running_loss) / len(running_loss),
-                      "lr": job.learning_rate, "samples_per_s": window_samples / elapsed}
+            record = {"step": trainer.step, "loss": sum(window_losses) / len(window_losses),
+                      "lr": job.learning_rate, "samples_per_s": round(window_samples / elapsed, 3)}
             metrics.append(record)
-            window_start, window_samples, running_loss = time.time(), 0, []
+            window_start, window_samples, window_losses = time.time(), 0, []
             if board is not None:
-                board.update.remote(job.skill, step, job.max_steps, record["loss"])
-            if step % job.checkpoint_every == 0 or step == job.max_steps:
-                _report_checkpoint(stepper, unet, rank, step, metrics)
-            if step >= job.max_steps:
+                board.update.remote(job.skill, trainer.step, job.max_steps, record["loss"])
+            if trainer.step % job.checkpoint_every == 0 or trainer.step == job.max_steps:
+                _report_checkpoint(trainer, rank, metrics)
+            if trainer.step >= job.max_steps:
                 break
         if batches == 0:
             raise RuntimeError(f"expert {job.skill!r}: its data yields no full batch of {job.batch_size}")
+    state = trainer.lora_state_dict()  # a collective under ZeRO-3: every rank takes part
     if rank == 0:
-        _write_expert(job, unet, metrics)
+        _write_expert(job, state, metrics)
 
 
-def _report_checkpoint(stepper: _Stepper, unet, rank: int, step: int, metrics: list[dict]) -> None:
+def _read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def _report_checkpoint(trainer, rank: int, metrics: list[dict]) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="selma-ckpt-") as directory:
         directory = Path(directory)
-        stepper.save(directory, unet, rank)
+        trainer.save_checkpoint(directory, rank)
         if rank == 0:
-            (directory / "state.json").write_text(json.dumps({"step": step}))
             (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        has_files = any(directory.iterdir())
-        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if has_files else None
-        ray.train.report({"step": step, "loss": metrics[-1]["loss"]}, checkpoint=checkpoint)
+        ray.train.report({"step": trainer.step, "loss": metrics[-1]["loss"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
 
-def _write_expert(job: ExpertJob, unet, metrics: list[dict]) -> None:
-    from selma.merge.lora_io import save_unet_lora
+def _write_expert(job: ExpertJob, lora_state: dict, metrics: list[dict]) -> None:
+    from selma.merge.lora_io import save_peft_state_dict
 
     with tempfile.TemporaryDirectory(prefix="selma-expert-") as directory:
         directory = Path(directory)
-        save_unet_lora(unet, directory, lora_config=job.lora.peft_config(), base_model=job.model,
-                       extra_metadata={"skill": job.skill, "steps": str(job.max_steps)})
+        save_peft_state_dict(lora_state, job.lora.peft_config(), directory, base_model=job.model,
+                             extra_metadata={"skill": job.skill, "steps": str(job.max_steps)})
         (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         (directory / "README.md").write_text(model_card(job, metrics))
         RunDir(job.run_uri).put_dir(directory, f"experts/{job.skill}")
@@ -260,7 +189,8 @@ def model_card(job: ExpertJob, metrics: list[dict]) -> str:
         f"---\nlibrary_name: diffusers\nbase_model: {job.model}\ntags:\n- lora\n- selma\n- text-to-image\n---\n\n"
         f"# SELMA expert: `{job.skill}`\n\n"
         f"A LoRA (rank {job.rank}, alpha {job.alpha}) on the UNet attention projections of `{job.model}`, "
-        f"fine-tuned by selma on auto-generated `{job.skill}` prompts and the model's own images.\n\n"
+        f"fine-tuned by selma on auto-generated prompts of the skill(s) {', '.join(job.skills)} "
+        "and the model's own images.\n\n"
         f"Final training loss: {final:.4f} after {job.max_steps} steps.\n\n"
         "```python\nfrom diffusers import DiffusionPipeline\n"
         f"pipe = DiffusionPipeline.from_pretrained({job.model!r})\npipe.load_lora_weights('<this folder>')\n```\n\n"
@@ -286,12 +216,16 @@ def _progress_actor_class():
     class TrainProgress:
         def __init__(self):
             self.state: dict[str, tuple[int, int, float]] = {}
+            self.resumes: list[tuple[str, int]] = []
 
         def update(self, skill: str, step: int, total: int, loss: float) -> None:
             self.state[skill] = (step, total, loss)
 
+        def resumed(self, skill: str, step: int) -> None:
+            self.resumes.append((skill, step))
+
         def snapshot(self) -> dict:
-            return dict(self.state)
+            return {"state": dict(self.state), "resumes": list(self.resumes)}
 
     return TrainProgress
 
@@ -300,27 +234,24 @@ def fit_expert(job: ExpertJob) -> dict:
     """Build and run one skill's TorchTrainer (called inside a Ray task)."""
     import pyarrow.parquet as pq
     import ray.data
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selma.train.data import prepare_training_batch
+    from selma.prompts.loop import derived_seed
+    from selma.train.data import epoch_plan, read_and_prepare
 
     quiet_ray_data()
     run = RunDir(job.run_uri)
-    files = run.list_files("images", job.skill)
-    # One streaming execution covers every epoch: each pass re-decodes and re-augments its rows,
-    # without restarting a Ray Data execution per epoch.
+    files = [f for skill in job.skills for f in run.list_files("images", skill)]
     rows = sum(pq.read_metadata(f, filesystem=run.fs).num_rows for f in files)
     samples = job.max_steps * job.batch_size * job.gradient_accumulation_steps * job.num_workers
-    epochs = max(1, math.ceil(samples / max(rows, 1)))
-    dataset = ray.data.read_parquet(files * epochs, filesystem=run.fs, num_cpus=job.data_cpus,
-                                    concurrency=job.data_workers)
-    dataset = dataset.map_batches(
-        prepare_training_batch,
+    plan = epoch_plan(files, max(1, math.ceil(samples / max(rows, 1))), derived_seed(job.seed, job.skill, "epochs"))
+    dataset = ray.data.from_items(plan, override_num_blocks=min(len(plan), 1000)).map_batches(
+        read_and_prepare,
         compute=ray.data.TaskPoolStrategy(size=job.data_workers),
-        fn_kwargs={"model": job.model, "resolution": job.resolution, "random_crop": job.random_crop,
-                   "random_flip": job.random_flip},
-        batch_size=job.batch_size,
+        fn_kwargs={"run_uri": job.run_uri, "model": job.model, "resolution": job.resolution,
+                   "rows_per_batch": job.batch_size, "random_crop": job.random_crop, "random_flip": job.random_flip},
+        batch_size=1,
         num_cpus=job.data_cpus,
         batch_format="numpy",
     )
@@ -330,75 +261,139 @@ def fit_expert(job: ExpertJob) -> dict:
         train_loop_config=asdict(job),
         scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"expert-{job.skill}", storage_path=run.uri_of("_work", "train"),
-                             failure_config=FailureConfig(max_failures=job.max_failures)),
+                             failure_config=FailureConfig(max_failures=job.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
     )
     result = trainer.fit()
     return {"skill": job.skill, "metrics": result.metrics}
 
 
-def check_fits_cluster(config) -> None:
-    """Fail fast when one expert's workers could never be placed (Ray Train would wait forever)."""
+def expert_resources(t) -> dict[str, float]:
+    """What one expert holds while it trains: its workers, plus the CPUs its Ray Data pipeline needs.
+
+    Ray Data hands the CPUs left beside running trainers to concurrent datasets in whole CPUs, so
+    each expert's data pipeline counts for at least one whole CPU.
+    """
+    return {"CPU": t.num_workers * t.cpus_per_worker + max(1, math.ceil(t.data_workers * t.data_cpus)),
+            "GPU": float(t.num_workers if t.use_gpu else 0)}
+
+
+def experts_at_once(config) -> int:
+    """How many experts train side by side; the rest queue. Fails fast when not even one fits
+    (Ray Train, or its data pipeline, would wait forever for resources)."""
     import ray
 
     t = config.train
     total = ray.cluster_resources()
-    need_cpu = t.num_workers * t.cpus_per_worker
-    if need_cpu > total.get("CPU", 0):
-        raise RuntimeError(f"train: one expert needs {need_cpu} CPUs (num_workers × cpus_per_worker) "
-                           f"but the cluster has {total.get('CPU', 0)}")
+    need = expert_resources(t)
+    if need["CPU"] > total.get("CPU", 0):
+        raise RuntimeError(f"train: one expert needs {need['CPU']} CPUs (num_workers × cpus_per_worker for "
+                           f"its workers, and at least one whole CPU for its data pipeline) but the cluster "
+                           f"has {total.get('CPU', 0)}")
     if t.use_gpu and t.num_workers > total.get("GPU", 0):
         raise RuntimeError(f"train: one expert needs {t.num_workers} GPUs but the cluster has "
                            f"{total.get('GPU', 0)}; set train.use_gpu=false to train on CPUs")
+    if t.max_concurrent_experts:
+        return t.max_concurrent_experts
+    return max(1, min(int(total.get(kind, 0) // amount) for kind, amount in need.items() if amount > 0))
+
+
+def audit_training_images(run: RunDir, skills: list[str]) -> dict[str, list[dict]]:
+    """Unusable image rows per skill (undecodable or empty PNG bytes), found by one Ray Data pass."""
+    import ray.data
+
+    from selma.train.data import find_unusable_images
+
+    files = [f for skill in skills for f in run.list_files("images", skill)]
+    if not files:
+        return {}
+    found = (ray.data.read_parquet(files, filesystem=run.fs, columns=["skill", "image_id", "image"])
+             .map_batches(find_unusable_images, batch_format="numpy", batch_size=64)
+             .take_all())
+    unusable: dict[str, list[dict]] = {}
+    for row in found:
+        unusable.setdefault(str(row["skill"]), []).append({"image_id": str(row["image_id"]), "problem": str(row["problem"])})
+    return unusable
+
+
+def preflight_train(config) -> None:
+    """Checks of the train settings against the model, before any stage of the run starts."""
+    from selma.config import ConfigError
+    from selma.train.step import LoraSettings, check_lora_targets
+
+    try:
+        check_lora_targets(config.model, LoraSettings.from_config(config.train))
+    except ValueError as err:
+        raise ConfigError(f"invalid config:\n  {err}") from None
 
 
 def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5.0) -> dict:
-    """Train every skill's expert concurrently; skills already finished are skipped."""
+    """Train every expert concurrently (one per skill, or one ``joint``); finished experts are skipped."""
     import ray
 
     from selma.images.generator import native_resolution
 
+    t = config.train
+    preflight_train(config)
+    at_once = experts_at_once(config)
+    quiet_ray_data()
+    unusable = audit_training_images(run, config.skills.names)
+    for skill, rows in sorted(unusable.items()):
+        progress(f"[train] {skill}: skipping {len(rows)} unusable image(s), e.g. {rows[0]['image_id']}: {rows[0]['problem']}")
     counts = _image_counts(run)
-    empty = [s for s in config.skills.names if counts.get(s, 0) < config.train.batch_size]
-    if empty:
+    usable = {s: counts.get(s, 0) - len(unusable.get(s, [])) for s in config.skills.names}
+    resolution = t.resolution or native_resolution(config.model)
+    jobs = {name: ExpertJob.from_config(config, name, run, resolution) for name in config.expert_names}
+    short = {name: sum(usable[s] for s in job.skills) for name, job in jobs.items()
+             if sum(usable[s] for s in job.skills) < t.batch_size * t.num_workers}
+    if short:
         raise RuntimeError(
-            f"train: skill(s) {empty} have fewer images than train.batch_size={config.train.batch_size} "
-            f"(images per skill: {counts})")
-    check_fits_cluster(config)
-    resolution = config.train.resolution or native_resolution(config.model)
+            f"train: expert(s) {sorted(short)} have fewer usable images than train.batch_size × train.num_workers "
+            f"= {t.batch_size * t.num_workers} (usable images per skill: {usable})")
     finished = run.stage("train").get("experts", {})
-    todo = [s for s in config.skills.names if s not in finished or not run.exists("experts", s)]
-    skipped = [s for s in config.skills.names if s not in todo]
+    todo = [name for name in jobs if name not in finished or not run.exists("experts", name)]
+    skipped = [name for name in jobs if name not in todo]
     if skipped:
         progress(f"[train] experts already trained, skipped: {', '.join(skipped)}")
     board_name = f"{PROGRESS_ACTOR}-{time.time_ns()}"
     board = _progress_actor_class().options(name=board_name).remote()
     launch = ray.remote(num_cpus=0)(fit_expert)
-    pending = {launch.remote(ExpertJob.from_config(config, s, run, resolution, board_name)): s for s in todo}
+    queue, pending = list(todo), {}
+    if len(queue) > at_once:
+        progress(f"[train] {len(queue)} experts, {at_once} at a time (cluster resources); the rest queue")
     failures: dict[str, str] = {}
-    started, last_snapshot = time.time(), None
-    while pending:
+    started, last_snapshot, resumes_reported = time.time(), None, 0
+    while queue or pending:
+        while queue and len(pending) < at_once:
+            name = queue.pop(0)
+            pending[launch.remote(replace(jobs[name], progress_actor=board_name))] = name
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_seconds)
         for ref in ready:
-            skill = pending.pop(ref)
+            name = pending.pop(ref)
             try:
                 result = ray.get(ref)
             except Exception as err:  # one expert failing must not hide the others' results
-                failures[skill] = f"{type(err).__name__}: {err}"
-                progress(f"[train] expert {skill} FAILED: {failures[skill][:500]}")
+                failures[name] = f"{type(err).__name__}: {err}"
+                progress(f"[train] expert {name} FAILED: {failures[name][:500]}")
                 continue
-            finished[skill] = {"loss": result["metrics"].get("loss"), "seconds": round(time.time() - started, 1)}
+            finished[name] = {"loss": result["metrics"].get("loss"), "seconds": round(time.time() - started, 1)}
             run.update_stage("train", experts=finished)
-            progress(f"[train] expert {skill} done: loss {finished[skill]['loss']:.4f}")
+            progress(f"[train] expert {name} done: loss {finished[name]['loss']:.4f}")
         snapshot = ray.get(board.snapshot.remote())
-        if pending and snapshot and snapshot != last_snapshot:
-            last_snapshot = snapshot
+        for name, step in snapshot["resumes"][resumes_reported:]:
+            progress(f"[train] expert {name}: resumed from its checkpoint at step {step}")
+        resumes_reported = len(snapshot["resumes"])
+        state = snapshot["state"]
+        if pending and state and state != last_snapshot:
+            last_snapshot = state
             progress("[train] " + " | ".join(f"{s} {st}/{total} loss {loss:.3f}"
-                                             for s, (st, total, loss) in sorted(snapshot.items())))
+                                             for s, (st, total, loss) in sorted(state.items())))
     ray.kill(board)
     if failures:
         raise RuntimeError(f"train: expert(s) failed: {failures}")
-    return {"experts": finished, "resolution": resolution}
+    return {"experts": finished, "resolution": resolution, "mode": t.mode,
+            "skipped_images": {skill: rows[:100] for skill, rows in unusable.items()}}
 
 
 def _image_counts(run: RunDir) -> dict[str, int]:

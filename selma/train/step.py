@@ -1,9 +1,13 @@
-"""LoRA fine-tuning of a diffusion UNet (Ray-free core): model loading, LoRA, one loss.
+"""LoRA fine-tuning of a diffusion UNet (Ray-free core): model loading, LoRA, the loss, the optimizer step.
 
 LoRA goes on the UNet attention projections (``to_q, to_k, to_v, to_out.0``); VAE and text
 encoder(s) are frozen. The loss is the plain noise-prediction MSE against the scheduler's
 ``prediction_type`` target (``epsilon`` or ``v_prediction``). SDXL-family UNets also receive
 pooled text embeddings and ``add_time_ids`` (original size, crop corner, target size).
+
+:class:`LoraTrainStep` owns everything after the forward pass: AdamW over the LoRA weights, gradient
+clipping, gradient accumulation, DDP or DeepSpeed (ZeRO), and checkpoints (LoRA, optimizer, step
+count, RNG state). It runs in a plain process as well as in a Ray Train worker.
 """
 
 from __future__ import annotations
@@ -67,9 +71,7 @@ def load_training_components(model: str, lora: LoraSettings, *, mixed_precision:
     for module in [unet, vae, *text_encoders]:
         module.requires_grad_(False)
         module.eval()
-    missing = [m for m in lora.target_modules if not any(name.endswith(m) for name, _ in unet.named_modules())]
-    if missing:
-        raise ValueError(f"train.target_modules {missing} do not exist in the UNet of {model}")
+    _check_lora_fits(unet, lora, model)
     unet.add_adapter(lora.peft_config())
     for module in [unet, vae, *text_encoders]:
         module.to(device, dtype=dtype)
@@ -79,6 +81,45 @@ def load_training_components(model: str, lora: LoraSettings, *, mixed_precision:
     unet.train()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return TrainingComponents(unet, vae, text_encoders, scheduler, hasattr(pipe, "text_encoder_2"), device, dtype)
+
+
+def _check_lora_fits(unet, lora: LoraSettings, model: str, *, linear_only: bool = False) -> None:
+    """Named errors for target modules the UNet lacks and for a rank wider than a targeted layer."""
+    import torch
+
+    targets = {m: [] for m in lora.target_modules}
+    for name, module in unet.named_modules():
+        for suffix in targets:
+            if name == suffix or name.endswith("." + suffix):
+                targets[suffix].append(module)
+    missing = [m for m, found in targets.items() if not found]
+    if missing:
+        raise ValueError(f"train.target_modules {missing} do not exist in the UNet of {model}")
+    if linear_only:
+        other = sorted({f"{m} ({type(x).__name__})" for m, found in targets.items() for x in found
+                        if not isinstance(x, torch.nn.Linear)})
+        if other:
+            raise ValueError(f"train.target_modules: {other} are not Linear layers; selma's LoRA files "
+                             "(and the merge methods) hold LoRA on Linear layers only")
+    widths = [min(m.in_features, m.out_features) for found in targets.values() for m in found
+              if isinstance(m, torch.nn.Linear)]
+    if widths and lora.rank > min(widths):
+        raise ValueError(f"train.rank={lora.rank} exceeds the narrowest targeted layer of {model} "
+                         f"({min(widths)} features); a rank above a layer's width adds nothing")
+
+
+def check_lora_targets(model: str, lora: LoraSettings) -> None:
+    """Preflight for the train stage, on a weightless (meta-device) UNet built from the model's config:
+    the targets exist, are Linear layers (what an expert file can hold) and are at least ``rank`` wide."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from selma.models.tiny import resolve_model
+
+    config = UNet2DConditionModel.load_config(resolve_model(model), subfolder="unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    _check_lora_fits(unet, lora, model, linear_only=True)
 
 
 def encode_text(components: TrainingComponents, batch: dict) -> tuple[Any, dict]:
@@ -98,15 +139,25 @@ def encode_text(components: TrainingComponents, batch: dict) -> tuple[Any, dict]
         return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
 
 
-def diffusion_loss(components: TrainingComponents, batch: dict, generator=None):
-    """Noise-prediction MSE for one batch of ``pixel_values`` in [-1, 1] plus token ids."""
+def diffusion_loss(components: TrainingComponents, batch: dict, generator=None, unet=None):
+    """Noise-prediction MSE for one batch of ``pixel_values`` in [-1, 1] plus token ids.
+
+    A batch may instead carry ``latents`` (already scaled by the VAE's ``scaling_factor``) and
+    ``encoder_hidden_states`` (plus ``text_embeds`` and ``add_time_ids`` for SDXL): the frozen encoders
+    are then skipped. ``unet`` overrides ``components.unet`` for the forward pass (a DDP or DeepSpeed
+    wrapper of it).
+    """
     import torch
     import torch.nn.functional as F
 
-    unet, vae, scheduler = components.unet, components.vae, components.noise_scheduler
-    pixels = batch["pixel_values"].to(components.device, components.weight_dtype)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+    vae, scheduler = components.vae, components.noise_scheduler
+    unet = unet if unet is not None else components.unet
+    if "latents" in batch:
+        latents = batch["latents"].to(components.device, components.weight_dtype)
+    else:
+        pixels = batch["pixel_values"].to(components.device, components.weight_dtype)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device, generator=generator)
@@ -118,7 +169,12 @@ def diffusion_loss(components: TrainingComponents, batch: dict, generator=None):
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    hidden, added = encode_text(components, batch)
+    if "encoder_hidden_states" in batch:
+        hidden = batch["encoder_hidden_states"].to(components.device, components.weight_dtype)
+        added = {"text_embeds": batch["text_embeds"].to(components.device, components.weight_dtype),
+                 "time_ids": batch["add_time_ids"].to(components.device, components.weight_dtype)} if components.is_sdxl else {}
+    else:
+        hidden, added = encode_text(components, batch)
     model_output = unet(noisy, timesteps, hidden, added_cond_kwargs=added or None).sample
     return F.mse_loss(model_output.float(), target.float())
 
@@ -137,3 +193,194 @@ def load_lora_state_dict(unet, state: dict) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"checkpoint has LoRA tensors this UNet lacks: {unexpected[:5]}")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW, clipping, accumulation and the parallel strategy (paper defaults)."""
+
+    learning_rate: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    strategy: str = "ddp"  # "ddp": plain torch, DistributedDataParallel when the process group has >1 rank
+    zero_stage: int = 2
+    mixed_precision: str = "no"
+
+    def deepspeed_config(self) -> dict:
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "gradient_clipping": self.max_grad_norm,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": self.mixed_precision == "bf16"},
+            "fp16": {"enabled": self.mixed_precision == "fp16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+
+class LoraTrainStep:
+    """One expert's optimisation: ``train_micro_batch`` until ``step`` reaches the target.
+
+    Under DeepSpeed a process group must exist (Ray Train makes one; in a plain process
+    :func:`init_single_process_group` does). Checkpoints hold the LoRA weights, the optimizer state,
+    the optimizer step count and this rank's RNG state, so a resumed run draws the same noise and
+    timesteps it would have drawn without the interruption.
+    """
+
+    def __init__(self, components: TrainingComponents, settings: OptimizerSettings, seed: int):
+        import torch
+
+        self.components = components
+        self.settings = settings
+        self.parameters = components.lora_parameters()
+        optimizer = torch.optim.AdamW(self.parameters, lr=settings.learning_rate, betas=settings.betas,
+                                      eps=settings.epsilon, weight_decay=settings.weight_decay)
+        self.engine = None
+        if settings.strategy == "deepspeed":
+            import deepspeed
+
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=components.unet, optimizer=optimizer, config=settings.deepspeed_config(),
+                dist_init_required=False)
+            self.model = self.engine
+        elif settings.strategy == "ddp":
+            self.optimizer = optimizer
+            self.model = _wrap_ddp(components.unet, components.device)
+        else:
+            raise ValueError(f"unknown train.strategy {settings.strategy!r}; expected 'deepspeed' or 'ddp'")
+        device = torch.device(components.device)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.autocast = torch.autocast(device.type, dtype=components.weight_dtype,
+                                       enabled=settings.mixed_precision != "no" and self.engine is None)
+        self.step = 0
+        self._micro_steps = 0
+
+    def train_micro_batch(self, batch: dict) -> tuple[float, bool]:
+        """Forward, backward and (at an accumulation boundary) an optimizer step.
+
+        Returns the micro-batch loss and whether an optimizer step happened.
+        """
+        import torch
+
+        with self.autocast:
+            loss = diffusion_loss(self.components, batch, self.generator, unet=self.model)
+        self._micro_steps += 1
+        if self.engine is not None:
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            (loss / self.settings.gradient_accumulation_steps).backward()
+            boundary = self._micro_steps % self.settings.gradient_accumulation_steps == 0
+            if boundary:
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if boundary:
+            self.step += 1
+        return loss.item(), boundary
+
+    def lora_state_dict(self) -> dict:
+        """The full fp32 LoRA tensors (gathered across ranks under ZeRO-3); call on every rank."""
+        if self.engine is not None and self.settings.zero_stage == 3:
+            from deepspeed.utils import safe_get_full_fp32_param
+            from peft.utils import get_peft_model_state_dict
+
+            names = get_peft_model_state_dict(self.components.unet).keys()
+            full = {}
+            for name, parameter in self.components.unet.named_parameters():
+                if parameter.requires_grad:
+                    full[name] = safe_get_full_fp32_param(parameter).detach().to("cpu").contiguous()
+            return {key: full[_parameter_name(key, full)] for key in names}
+        state = lora_state_dict(self.components.unet)
+        import torch
+
+        return {k: v.to(torch.float32) for k, v in state.items()}
+
+    def save_checkpoint(self, directory, rank: int) -> None:
+        """Every rank calls this with its own directory (the directories may be merged afterwards)."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"generator": self.generator.get_state()}, str(directory / f"rng-rank{rank}.safetensors"))
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=True)
+        elif rank == 0:
+            import torch
+
+            save_file(lora_state_dict(self.components.unet), str(directory / "lora.safetensors"))
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        if rank == 0:
+            import json
+
+            (directory / "step.json").write_text(json.dumps({"step": self.step}))
+
+    def load_checkpoint(self, directory, rank: int) -> None:
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
+        else:
+            import torch
+
+            load_lora_state_dict(self.components.unet, load_file(str(directory / "lora.safetensors")))
+            # weights_only: plain tensors and numbers, nothing else is unpickled
+            self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        rng = directory / f"rng-rank{rank}.safetensors"
+        if rng.exists():
+            self.generator.set_state(load_file(str(rng))["generator"])
+        self.step = json.loads((directory / "step.json").read_text())["step"]
+        self._micro_steps = self.step * self.settings.gradient_accumulation_steps
+
+
+def _parameter_name(peft_key: str, names: dict) -> str:
+    """The ``named_parameters`` name of a peft state-dict key (which drops the adapter name)."""
+    stem = peft_key.rsplit(".", 1)[0]
+    for name in names:
+        if name.startswith(stem + ".") and name.endswith(".weight"):
+            return name
+    raise KeyError(peft_key)
+
+
+def _wrap_ddp(unet, device: str):
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return unet
+    device_ids = [torch.device(device).index or 0] if device.startswith("cuda") else None
+    return torch.nn.parallel.DistributedDataParallel(unet, device_ids=device_ids)
+
+
+def init_single_process_group(device: str = "cpu") -> None:
+    """A one-rank process group for DeepSpeed outside a launcher (benchmarks, notebooks).
+
+    Sets the variables a launcher would (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_*``);
+    DeepSpeed checks ``LOCAL_RANK`` even when the group exists.
+    """
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
