@@ -79,7 +79,9 @@ def main() -> None:
     from selma.config import load_config
     from selma.pipeline import run_stages
 
-    base = [f"skills.names={SKILLS}", "prompts.per_skill=16", "images.steps=2", "ray.num_cpus=2",
+    base = [f"skills.names={SKILLS}", "prompts.per_skill=16", "images.steps=2",
+            # logical CPUs: each expert holds 1 for its worker (1 torch thread) and 1 for its data pipeline
+            "ray.num_cpus=4",
             f"train.batch_size={args.batch}", f"train.effective_batch_size={args.batch}",
             f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.cpus_per_worker=1",
             "train.num_workers=1"]

@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         _add_run_arguments(commands.add_parser(name, help=text, description=text))
 
-    serve = commands.add_parser("serve", help="serve a run's merged model with the OpenAI Images API")
+    serve = commands.add_parser("serve", help="serve a run's models (base, merged, experts) with the OpenAI Images API")
     serve.add_argument("run_dir", help="a finished run directory")
-    serve.add_argument("--model", choices=["merged", "base"], help="what to serve (default: serve.model)")
+    serve.add_argument("--model", help="the default model: base, merged or expert-<name> (default: serve.model)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -141,19 +141,9 @@ def _cmd_skills(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from selma.config import build_config, apply_override, parse_override
-    from selma.rundir import RunDir
-    from selma.serve.run import serve_run_dir
+    from selma.serve.run import load_run_config, serve_run_dir
 
-    run = RunDir(args.run_dir)
-    manifest = run.manifest()
-    if "config" not in manifest:
-        print(f"{args.run_dir} has no run.json; is it a selma run directory?", file=sys.stderr)
-        return 2
-    data = manifest["config"]
-    for text in args.overrides:
-        apply_override(data, *parse_override(text))
-    config = build_config(data)
+    config, run = load_run_config(args.run_dir, args.overrides)
     if args.host:
         config.serve.host = args.host
     if args.port:

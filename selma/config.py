@@ -200,13 +200,31 @@ class MergeConfig(_Section):
         return options
 
 
+class ServeAutoscalingConfig(_Section):
+    """Ray Serve's ``autoscaling_config`` for the model deployment."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0)
+    upscale_delay_s: float = Field(30, ge=0)
+    downscale_delay_s: float = Field(600, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ServeAutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    model: Literal["merged", "base"] = "merged"
+    model: str = Field("merged", description="default model of requests without one: base, merged or expert-<name>")
     max_batch_size: int = Field(4, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="model replicas when autoscaling is not set")
+    autoscaling: ServeAutoscalingConfig | None = None
+    max_loaded_adapters: int = Field(4, ge=1, description="LoRA adapters kept loaded per replica (LRU)")
     gpus_per_replica: float = Field(0, ge=0)
     cpus_per_replica: float = Field(1, gt=0)
     max_ongoing_requests: int = Field(8, ge=1)

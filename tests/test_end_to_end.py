@@ -163,12 +163,15 @@ def test_serve_round_trip_returns_a_png(finished_run):
                 pass
             assert time.time() < deadline, "the server did not come up"
             time.sleep(2)
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations",
-                              json={"prompt": "two red apples on a table", "size": "64x64", "seed": 1},
-                              timeout=120)
-        assert response.status_code == 200, response.text
-        image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
-        assert image.format == "PNG" and image.size == (64, 64)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"]
+        assert [m["id"] for m in models] == ["merged", "base", *(f"expert-{s}" for s in SKILLS)]
+        for model in ("merged", "expert-whoops"):
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations",
+                                  json={"prompt": "two red apples on a table", "size": "64x64", "seed": 1,
+                                        "model": model}, timeout=120)
+            assert response.status_code == 200, response.text
+            image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+            assert image.format == "PNG" and image.size == (64, 64)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -1,24 +1,32 @@
-"""A Ray Serve application speaking the OpenAI Images API for the base or the merged SELMA model.
+"""A Ray Serve application speaking the OpenAI Images API for a SELMA run: the base model, the
+merged adapter and each expert, side by side on the same replicas.
 
 Two deployments:
 
-* ``ImagesAPI`` — the FastAPI ingress: authentication, validation, OpenAI-shaped errors. Cheap;
-  it never touches the model.
-* ``ImageModel`` — one diffusion pipeline per replica (``num_gpus=gpus_per_replica``). Requests
-  are collected by ``@serve.batch``; inside a batch, requests that agree on steps, guidance, size
-  and negative prompt are drawn by a single pipeline call.
+* ``ImagesAPI`` — the FastAPI ingress: authentication, validation, OpenAI-shaped errors, metrics.
+  Cheap; it never touches the model.
+* ``ImageModel`` — one diffusion pipeline per replica (``num_gpus=gpus_per_replica``), with
+  autoscaling when ``serve.autoscaling`` is set. The request's ``model`` picks a LoRA adapter through
+  ``@serve.multiplexed``: each replica keeps the ``serve.max_loaded_adapters`` most recently used
+  adapters loaded (LRU), and Serve routes a request to a replica that already holds its adapter.
+  Requests are collected by ``@serve.batch``; inside a batch, requests that agree on adapter,
+  steps, guidance, size and negative prompt are drawn by a single pipeline call.
 
 Endpoints: ``POST /v1/images/generations``, ``GET /v1/models``, ``GET /healthz`` (no auth, no
-model call) and ``GET /debug/batching`` (one model replica's batching counters).
+model call) and ``GET /debug/batching`` (one model replica's batching counters). Metrics go to
+Ray's Prometheus endpoint (``selma_image_requests_total``, ``selma_image_request_seconds``,
+``selma_images_generated_total``) beside Serve's own.
 
-The LoRA is fused into the UNet weights at start-up and then unloaded, so serving costs exactly
-what the base model costs. Images are reproducible: image ``i`` of a request with ``seed`` s is
-drawn from its own generator seeded with ``s + i``. Bytes are identical for identical requests
-drawn in the same batch shape; a different batch composition can change pixels by float rounding.
+Images are reproducible: image ``i`` of a request with ``seed`` s is drawn from its own generator
+seeded with ``s + i``. Bytes are identical for identical requests drawn in the same batch shape; a
+different batch composition can change pixels by float rounding.
 
     from selma.serve.app import build_app, serve_run
-    serve_run(build_app(config.serve, base_model="tiny:sd", lora_dir="runs/x/merged",
-                        default_steps=50), "127.0.0.1", 8000)
+    serve_run(build_app(config.serve, base_model="tiny:sd", adapters={"merged": "runs/x/merged"},
+                        default_model="merged", default_steps=50), "127.0.0.1", 8000)
+
+For ``serve run`` / ``serve deploy``: ``selma.serve.app:app_builder`` with ``run_dir`` (and optional
+config overrides) as arguments; ``cluster/serve.yaml`` is a Serve config that uses it.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real ``Request`` class on the
@@ -41,6 +49,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 APP_NAME = "selma"
+BASE_MODEL_NAME = "base"
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE_SCALE = 100.0
 MIN_SIZE = 64  # or the native size, if smaller
@@ -104,7 +113,7 @@ def parse_request(raw: bytes) -> ImageGenerationRequest:
 
 @dataclass(frozen=True)
 class Limits:
-    model_name: str
+    models: tuple[str, ...]  # what ``model`` may name; the first is the default
     max_prompt_chars: int
     max_images: int
     max_steps: int
@@ -116,6 +125,7 @@ class Limits:
 class ImageJob:
     """One request, fully resolved: what the model deployment draws."""
 
+    model: str
     prompt: str
     seeds: tuple[int, ...]
     steps: int
@@ -126,7 +136,7 @@ class ImageJob:
     @property
     def call_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call."""
-        return (self.steps, self.guidance_scale, self.size, self.negative_prompt)
+        return (self.model, self.steps, self.guidance_scale, self.size, self.negative_prompt)
 
 
 def parse_size(text: str | None, native: int) -> int:
@@ -146,8 +156,8 @@ def parse_size(text: str | None, native: int) -> int:
 
 def resolve_job(request: ImageGenerationRequest, limits: Limits, native: int) -> ImageJob:
     """Check a parsed request against the server's limits and fill in every default."""
-    if request.model not in (None, limits.model_name):
-        raise ApiError(404, f"model {request.model!r} does not exist; this server serves {limits.model_name!r}",
+    if request.model is not None and request.model not in limits.models:
+        raise ApiError(404, f"model {request.model!r} does not exist; this server serves {list(limits.models)}",
                        param="model", code="model_not_found")
     if not request.prompt.strip():
         raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
@@ -167,6 +177,7 @@ def resolve_job(request: ImageGenerationRequest, limits: Limits, native: int) ->
         raise ApiError(400, f"steps must be between 1 and {limits.max_steps}", param="steps", code="invalid_value")
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
     return ImageJob(
+        model=request.model or limits.models[0],
         prompt=request.prompt,
         seeds=tuple(seed + i for i in range(n)),
         steps=steps,
@@ -197,10 +208,24 @@ def load_lora_fused(pipe, lora_dir: str) -> None:
     pipe.unload_lora_weights()
 
 
-@serve.deployment
+class LoadedAdapter:
+    """What ``@serve.multiplexed`` caches per model id; evicting it unloads the adapter."""
+
+    def __init__(self, owner: "ImageModel", name: str):
+        self.owner, self.name = owner, name
+
+    def __del__(self):
+        self.owner.unload_adapter(self.name)
+
+
 class ImageModel:
-    def __init__(self, *, base_model: str, lora_dir: str | None, default_steps: int, guidance_scale: float,
+    """The model deployment's class; :func:`image_model_deployment` adds the ``@serve.multiplexed``
+    adapter cache, whose size is fixed when it is decorated."""
+
+    def __init__(self, *, base_model: str, adapters: dict[str, str], default_steps: int, guidance_scale: float,
                  max_batch_size: int, batch_wait_timeout_s: float, cpus: float):
+        import threading
+
         import torch
 
         from selma.images.generator import GenerationSettings, ImageGenerator, default_device
@@ -210,8 +235,11 @@ class ImageModel:
             torch.set_num_threads(max(1, int(cpus)))
         settings = GenerationSettings(steps=default_steps, guidance_scale=guidance_scale)
         self.generator = ImageGenerator(base_model, settings, device=device)
-        if lora_dir:
-            load_lora_fused(self.generator.pipe, lora_dir)
+        self.adapters = dict(adapters)
+        self.loaded: set[str] = set()
+        self.active: str | None = None
+        # Loading, evicting and drawing all touch the pipeline's adapter layers: one at a time.
+        self.pipe_lock = threading.Lock()
         self._generate_batch.set_max_batch_size(max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.requests_per_batch: Counter[int] = Counter()
@@ -222,10 +250,53 @@ class ImageModel:
 
     def batching_stats(self) -> dict:
         return {"requests_per_batch": dict(self.requests_per_batch), "batches": sum(self.requests_per_batch.values()),
-                "pipeline_calls": self.pipeline_calls}
+                "pipeline_calls": self.pipeline_calls, "loaded_adapters": sorted(self.loaded)}
+
+    async def get_adapter(self, model: str) -> LoadedAdapter:
+        raise NotImplementedError("image_model_deployment() supplies the multiplexed get_adapter")
+
+    async def load_adapter(self, model: str) -> LoadedAdapter:
+        if model != BASE_MODEL_NAME:
+            await asyncio.to_thread(self._load_adapter, model)
+        return LoadedAdapter(self, model)
+
+    def _load_adapter(self, name: str) -> None:
+        pipe = self.generator.pipe
+        with self.pipe_lock:
+            if name in self.loaded:
+                return
+            pipe.load_lora_weights(self.adapters[name], adapter_name=name)
+            if name not in {a for names in pipe.get_list_adapters().values() for a in names}:
+                raise RuntimeError(f"no LoRA weights in {self.adapters[name]} match the pipeline's modules")
+            self.loaded.add(name)
+            self.active = None
+
+    def unload_adapter(self, name: str) -> None:
+        with self.pipe_lock:
+            if name in self.loaded:
+                self.generator.pipe.delete_adapters([name])
+                self.loaded.discard(name)
+                self.active = None
+
+    def _activate(self, name: str) -> None:
+        """Make ``name`` the pipeline's only active adapter (none for the base model); under pipe_lock."""
+        if name == self.active:
+            return
+        pipe = self.generator.pipe
+        if name == BASE_MODEL_NAME:
+            if self.loaded:
+                pipe.disable_lora()
+        else:
+            if name not in self.loaded:  # evicted between routing and drawing
+                pipe.load_lora_weights(self.adapters[name], adapter_name=name)
+                self.loaded.add(name)
+            pipe.enable_lora()
+            pipe.set_adapters([name])
+        self.active = name
 
     async def generate(self, job: ImageJob) -> list[bytes]:
         """PNG bytes of ``job``'s images."""
+        await self.get_adapter(job.model)
         result = await self._generate_batch(job)
         if isinstance(result, Exception):
             raise result
@@ -248,15 +319,28 @@ class ImageModel:
             seeds = [seed for i in indices for seed in jobs[i].seeds]
             self.pipeline_calls += 1
             try:
-                images = iter(self.generator.generate(
-                    prompts, seeds, steps=first.steps, guidance_scale=first.guidance_scale, size=first.size,
-                    negative_prompt=first.negative_prompt))
+                with self.pipe_lock:
+                    self._activate(first.model)
+                    images = iter(self.generator.generate(
+                        prompts, seeds, steps=first.steps, guidance_scale=first.guidance_scale, size=first.size,
+                        negative_prompt=first.negative_prompt))
                 for i in indices:
                     results[i] = [png_bytes(next(images)) for _ in jobs[i].seeds]
             except Exception as err:  # fails this group's requests only
                 for i in indices:
                     results[i] = err
         return results
+
+
+def image_model_deployment(max_loaded_adapters: int):
+    """The ``ImageModel`` deployment keeping ``max_loaded_adapters`` LoRA adapters per replica (LRU)."""
+
+    class MultiplexedImageModel(ImageModel):
+        @serve.multiplexed(max_num_models_per_replica=max_loaded_adapters)
+        async def get_adapter(self, model: str) -> LoadedAdapter:
+            return await self.load_adapter(model)
+
+    return serve.deployment(name="ImageModel")(MultiplexedImageModel)
 
 
 # --------------------------------------------------------------------------- ingress
@@ -280,6 +364,27 @@ async def _http_error(_request: Request, err: StarletteHTTPException) -> JSONRes
     return ApiError(err.status_code, str(err.detail)).response()
 
 
+class RequestMetrics:
+    """Counters and a latency histogram, exported through Ray's Prometheus endpoint."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter as RayCounter
+        from ray.util.metrics import Histogram
+
+        self.requests = RayCounter("selma_image_requests_total", "Image generation requests by model and HTTP status.",
+                                   tag_keys=("model", "status"))
+        self.images = RayCounter("selma_images_generated_total", "Images returned, by model.", tag_keys=("model",))
+        self.latency = Histogram("selma_image_request_seconds", "Latency of successful image requests.",
+                                 boundaries=[0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120], tag_keys=("model",))
+
+    def record(self, model: str, status: int, images: int = 0, seconds: float | None = None) -> None:
+        self.requests.inc(tags={"model": model, "status": str(status)})
+        if images:
+            self.images.inc(images, tags={"model": model})
+        if seconds is not None:
+            self.latency.observe(seconds, tags={"model": model})
+
+
 @serve.deployment
 @serve.ingress(api)
 class ImagesAPI:
@@ -288,6 +393,7 @@ class ImagesAPI:
         self.limits = limits
         self.api_key = api_key
         self.native_size: int | None = None
+        self.metrics = RequestMetrics()
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -305,32 +411,46 @@ class ImagesAPI:
     @api.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ImageGenerationRequest.model_json_schema()}}}})
     async def generate_images(self, request: Request) -> dict:
+        started, model = time.perf_counter(), "unknown"
+        try:
+            self._authorize(request)
+            parsed = parse_request(await request.body())
+            job = resolve_job(parsed, self.limits, await self._native_size())
+            model = job.model
+            images = await self._generate(job)
+        except ApiError as err:
+            self.metrics.record(model, err.status)
+            raise
+        self.metrics.record(model, 200, len(images), time.perf_counter() - started)
+        return {"created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(png).decode("ascii")} for png in images]}
+
+    async def _generate(self, job: ImageJob) -> list[bytes]:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
         from ray.serve.exceptions import BackPressureError
 
-        self._authorize(request)
-        parsed = parse_request(await request.body())
-        job = resolve_job(parsed, self.limits, await self._native_size())
         try:
-            images = await self.model.generate.remote(job)
+            return await self.model.options(multiplexed_model_id=job.model).generate.remote(job)
         except BackPressureError:
             raise ApiError(503, "the server is overloaded; retry later", type="server_error",
                            code="overloaded") from None
+        except (ActorDiedError, ActorUnavailableError):
+            raise ApiError(503, "the model replica serving this request stopped; retry", type="server_error",
+                           code="replica_unavailable") from None
         except Exception as err:
             logger.exception("image generation failed")
             raise ApiError(500, f"image generation failed: {type(err).__name__}", type="server_error",
                            code="generation_failed") from None
-        return {"created": int(time.time()),
-                "data": [{"b64_json": base64.b64encode(png).decode("ascii")} for png in images]}
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
         self._authorize(request)
         return {"object": "list", "data": [
-            {"id": self.limits.model_name, "object": "model", "created": 0, "owned_by": "selma"}]}
+            {"id": name, "object": "model", "created": 0, "owned_by": "selma"} for name in self.limits.models]}
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.limits.model_name}
+        return {"status": "ok", "models": list(self.limits.models)}
 
     @api.get("/debug/batching")
     async def batching(self, request: Request) -> dict:
@@ -342,24 +462,35 @@ class ImagesAPI:
 # --------------------------------------------------------------------------- building and running
 
 
-def build_app(serve_config, *, base_model: str, lora_dir: str | None, model_name: str = "merged",
-              default_steps: int, guidance_scale: float = 7.5) -> serve.Application:
-    """The Serve application for ``base_model`` (+ ``lora_dir``, fused), named ``model_name`` in the API.
+def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None = None,
+              default_model: str = BASE_MODEL_NAME, default_steps: int,
+              guidance_scale: float = 7.5) -> serve.Application:
+    """The Serve application for ``base_model`` and its LoRA ``adapters`` (API name → diffusers-format
+    folder); requests without ``model`` get ``default_model``.
 
     With ``serve_config.api_key_env`` naming an environment variable that is set *here* (in the
     process that builds the app), every endpoint but ``/healthz`` requires ``Bearer <its value>``.
     """
+    adapters = {name: str(path) for name, path in (adapters or {}).items()}
+    if BASE_MODEL_NAME in adapters:
+        raise ValueError(f"an adapter may not be called {BASE_MODEL_NAME!r}: that names the base model")
+    models = [BASE_MODEL_NAME, *adapters]
+    if default_model not in models:
+        raise ValueError(f"serve.model {default_model!r} is not among the models served: {models}")
     if default_steps > serve_config.max_steps:
         raise ValueError(f"default_steps ({default_steps}) exceeds serve.max_steps ({serve_config.max_steps})")
     api_key = os.environ.get(serve_config.api_key_env) if serve_config.api_key_env else None
-    model = ImageModel.options(
-        num_replicas=serve_config.num_replicas,
+    scaling = serve_config.autoscaling
+    replica_options = ({"autoscaling_config": scaling.model_dump()} if scaling is not None
+                       else {"num_replicas": serve_config.num_replicas})
+    model = image_model_deployment(serve_config.max_loaded_adapters).options(
+        **replica_options,
         ray_actor_options={"num_gpus": serve_config.gpus_per_replica, "num_cpus": serve_config.cpus_per_replica},
         max_ongoing_requests=serve_config.max_ongoing_requests,
         max_queued_requests=serve_config.max_queued_requests,
     ).bind(
         base_model=base_model,
-        lora_dir=str(lora_dir) if lora_dir else None,
+        adapters=adapters,
         default_steps=default_steps,
         guidance_scale=guidance_scale,
         max_batch_size=serve_config.max_batch_size,
@@ -367,7 +498,7 @@ def build_app(serve_config, *, base_model: str, lora_dir: str | None, model_name
         cpus=serve_config.cpus_per_replica,
     )
     limits = Limits(
-        model_name=model_name,
+        models=tuple([default_model, *(m for m in models if m != default_model)]),
         max_prompt_chars=serve_config.max_prompt_chars,
         max_images=serve_config.max_images_per_request,
         max_steps=serve_config.max_steps,
@@ -378,12 +509,29 @@ def build_app(serve_config, *, base_model: str, lora_dir: str | None, model_name
     # shows at the model's handle (max_queued_requests → an OpenAI-shaped 503). The proxy's own
     # queue (whose 503 is plain text) only fills beyond twice that; it also counts requests still
     # being assigned, so a burst overflows a queue as small as the model's.
-    model_capacity = serve_config.num_replicas * serve_config.max_ongoing_requests + serve_config.max_queued_requests
+    replicas = scaling.max_replicas if scaling is not None else serve_config.num_replicas
+    model_capacity = replicas * serve_config.max_ongoing_requests + serve_config.max_queued_requests
     return ImagesAPI.options(
         ray_actor_options={"num_cpus": INGRESS_CPUS},
         max_ongoing_requests=2 * model_capacity,
         max_queued_requests=2 * model_capacity,
     ).bind(model, limits=limits, api_key=api_key or None)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """``serve run selma.serve.app:app_builder run_dir=RUN [serve.model=expert-coco ...]``.
+
+    ``run_dir`` names a finished run; every other argument is a config override (``key.sub=value``)
+    on top of the run's own config.
+    """
+    from selma.serve.run import build_run_app, load_run_config
+
+    args = dict(args)
+    run_dir = args.pop("run_dir", None)
+    if not run_dir:
+        raise ValueError("app_builder needs run_dir=<a finished selma run directory>")
+    config, run = load_run_config(run_dir, values=args)
+    return build_run_app(config, run)
 
 
 def _serve_running() -> bool:

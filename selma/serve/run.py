@@ -1,32 +1,68 @@
-"""``selma serve RUN``: host a finished run's merged model (or its base model) on Ray Serve."""
+"""``selma serve RUN``: host a finished run's base model, merged adapter and experts on Ray Serve."""
 
 from __future__ import annotations
 
 from selma.rundir import RunDir
 
 
-def serve_run_dir(config, run: RunDir, *, blocking: bool = True):
-    from selma.raylib import init_ray
-    from selma.serve.app import build_app, serve_run
+def load_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = (), values: dict | None = None):
+    """The config a run was made with, plus ``key.sub=value`` overrides and ``{"key.sub": value}``
+    values (a YAML string is parsed); raises ConfigError."""
+    from selma.config import ConfigError, apply_override, build_config, parse_override
 
-    lora_dir = None
-    if config.serve.model == "merged":
-        if run.stage("merge").get("status") != "committed":
-            raise RuntimeError(f"{run.uri} has no committed merged adapter; run `selma run` first or serve --model base")
-        if not run.is_local:
-            raise RuntimeError("serving from a remote run directory is not supported yet; copy merged/ locally")
-        lora_dir = run.path("merged")
-    if blocking:
-        _stop_on_signals()
-    init_ray(config.ray)
-    app = build_app(
+    run = RunDir(run_dir)
+    data = run.manifest().get("config")
+    if data is None:
+        raise ConfigError(f"{run_dir} has no run.json; is it a selma run directory?")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    for key, value in (values or {}).items():
+        if isinstance(value, str):
+            apply_override(data, *parse_override(f"{key}={value}"))
+        else:
+            apply_override(data, key.split("."), value)
+    return build_config(data), run
+
+
+def run_adapters(config, run: RunDir) -> dict[str, str]:
+    """API model name → local LoRA folder: ``merged`` once the merge stage committed, and
+    ``expert-<name>`` for every trained expert."""
+    if not run.is_local:
+        raise RuntimeError("serving from a remote run directory is not supported yet; copy experts/ and merged/ locally")
+    adapters = {}
+    if run.stage("merge").get("status") == "committed":
+        adapters["merged"] = run.path("merged")
+    for name in config.expert_names:
+        if run.exists("experts", name):
+            adapters[f"expert-{name}"] = run.path("experts", name)
+    return adapters
+
+
+def build_run_app(config, run: RunDir):
+    from selma.serve.app import BASE_MODEL_NAME, build_app
+
+    adapters = run_adapters(config, run)
+    if config.serve.model != BASE_MODEL_NAME and config.serve.model not in adapters:
+        hint = "; run `selma run` first or serve --model base" if config.serve.model == "merged" else ""
+        raise RuntimeError(f"{run.uri} has no {config.serve.model!r} to serve (it has {[BASE_MODEL_NAME, *adapters]}){hint}")
+    return build_app(
         config.serve,
         base_model=config.model,
-        lora_dir=lora_dir,
-        model_name=config.serve.model,
+        adapters=adapters,
+        default_model=config.serve.model,
         default_steps=config.serve.default_steps or config.images.steps,
         guidance_scale=config.images.guidance_scale,
     )
+
+
+def serve_run_dir(config, run: RunDir, *, blocking: bool = True):
+    from selma.raylib import init_ray
+    from selma.serve.app import serve_run
+
+    app = build_run_app(config, run)
+    if blocking:
+        _stop_on_signals()
+    init_ray(config.ray)
     return serve_run(app, config.serve.host, config.serve.port, blocking=blocking)
 
 

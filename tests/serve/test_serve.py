@@ -1,4 +1,5 @@
-"""The OpenAI Images API on Ray Serve, against a tiny random pipeline with a LoRA fused in."""
+"""The OpenAI Images API on Ray Serve, against a tiny random pipeline with two LoRA adapters
+multiplexed beside the base model (one adapter loaded per replica at a time, so the LRU evicts)."""
 
 import asyncio
 import base64
@@ -10,14 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from lora_helpers import write_random_lora
 
 API_KEY = "test-key-123"
 API_KEY_ENV = "SELMA_TEST_SERVE_API_KEY"
 MODEL_NAME = "selma-test"
+OTHER_MODEL = "expert-other"
 STEPS = 3
-# Small queues so that overload is reachable: the model holds MAX_ONGOING + MAX_QUEUED requests.
-MAX_ONGOING = 4
-MAX_QUEUED = 8
+# Queues small enough that overload is reachable, with room for 16 concurrent clients: the
+# model holds MAX_ONGOING + MAX_QUEUED requests.
+MAX_ONGOING = 8
+MAX_QUEUED = 16
 
 
 @dataclass
@@ -25,6 +29,8 @@ class Server:
     url: str
     base_model: str
     lora_dir: str
+    other_lora_dir: str
+    metrics_port: int
 
     def post(self, body, *, key: str | None = API_KEY, **kwargs):
         import httpx
@@ -61,29 +67,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_random_lora(base_model: str, out_dir) -> str:
-    """A diffusers-format UNet LoRA with non-zero B, so it changes every attention projection."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from selma.images.generator import load_pipeline
-
-    pipe = load_pipeline(base_model, device="cpu")
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    StableDiffusionPipeline.save_lora_weights(
-        str(out_dir), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
-    return str(out_dir)
-
-
 @pytest.fixture(scope="module")
 def server(ray_local, tmp_path_factory):
     from ray import serve
@@ -93,18 +76,20 @@ def server(ray_local, tmp_path_factory):
     from selma.serve.app import build_app, serve_run
 
     base_model = resolve_model("tiny:sd")  # built here once, not by the replica
-    lora_dir = _write_random_lora(base_model, tmp_path_factory.mktemp("lora"))
+    lora_dir = write_random_lora(base_model, tmp_path_factory.mktemp("lora"))
+    other_lora_dir = write_random_lora(base_model, tmp_path_factory.mktemp("other"), seed=1)
     config = ServeConfig(max_batch_size=4, batch_wait_timeout_s=0.2, max_ongoing_requests=MAX_ONGOING,
                          max_queued_requests=MAX_QUEUED, max_images_per_request=4, max_steps=20,
-                         max_prompt_chars=200, api_key_env=API_KEY_ENV)
+                         max_prompt_chars=200, api_key_env=API_KEY_ENV, max_loaded_adapters=1)
     with pytest.MonkeyPatch.context() as env:
         env.setenv(API_KEY_ENV, API_KEY)
-        app = build_app(config, base_model=base_model, lora_dir=lora_dir, model_name=MODEL_NAME,
-                        default_steps=STEPS)
+        app = build_app(config, base_model=base_model, adapters={MODEL_NAME: lora_dir, OTHER_MODEL: other_lora_dir},
+                        default_model=MODEL_NAME, default_steps=STEPS)
     port = _free_port()
     serve_run(app, "127.0.0.1", port, blocking=False)
     try:
-        yield Server(url=f"http://127.0.0.1:{port}", base_model=base_model, lora_dir=lora_dir)
+        yield Server(url=f"http://127.0.0.1:{port}", base_model=base_model, lora_dir=lora_dir,
+                     other_lora_dir=other_lora_dir, metrics_port=ray_local.nodes()[0]["MetricsExportPort"])
     finally:
         serve.shutdown()
 
@@ -133,7 +118,7 @@ def test_official_openai_client_works_unchanged(server):
     assert len(result.data) == 2
     for image in result.data:
         decode_png(image.b64_json, size=64)
-    assert [model.id for model in client.models.list()] == [MODEL_NAME]
+    assert [model.id for model in client.models.list()] == [MODEL_NAME, "base", OTHER_MODEL]
 
 
 def test_same_seed_gives_identical_bytes_and_each_image_has_seed_plus_index(server):
@@ -150,18 +135,30 @@ def test_same_seed_gives_identical_bytes_and_each_image_has_seed_plus_index(serv
     assert np.abs(pair[0] - decode_png(first.json()["data"][0]["b64_json"])).max() <= 2 / 255
 
 
-def test_lora_changes_the_output(server):
+def test_each_model_is_its_lora_and_the_lru_swaps_adapters(server):
+    """base, the default adapter and a second one, alternated on one replica that holds one adapter."""
     from selma.images.generator import GenerationSettings, ImageGenerator
     from selma.serve.app import load_lora_fused
 
-    [served] = server.images(prompt="a wooden boat on a lake", seed=42, size="64x64")
-    local = ImageGenerator(server.base_model, GenerationSettings(steps=STEPS), device="cpu")
-    [base] = local.generate(["a wooden boat on a lake"], [42])
-    load_lora_fused(local.pipe, server.lora_dir)
-    [with_lora] = local.generate(["a wooden boat on a lake"], [42])
+    prompt = "a wooden boat on a lake"
+    served = {}
+    for model in (MODEL_NAME, "base", OTHER_MODEL, MODEL_NAME):
+        [served[model]] = server.images(prompt=prompt, seed=42, size="64x64", model=model)
+        assert server.get("/debug/batching").json()["loaded_adapters"] in ([], [MODEL_NAME], [OTHER_MODEL])
+    [default] = server.images(prompt=prompt, seed=42, size="64x64")
 
-    assert np.abs(served - with_lora).max() <= 2 / 255
-    assert np.abs(served - base).mean() > 0.02
+    def local(lora_dir):
+        generator = ImageGenerator(server.base_model, GenerationSettings(steps=STEPS), device="cpu")
+        if lora_dir:
+            load_lora_fused(generator.pipe, lora_dir)
+        return generator.generate([prompt], [42])[0]
+
+    expected = {MODEL_NAME: local(server.lora_dir), "base": local(None), OTHER_MODEL: local(server.other_lora_dir)}
+    for model, image in served.items():
+        assert np.abs(image - expected[model]).max() <= 2 / 255, model
+    assert np.abs(default - expected[MODEL_NAME]).max() <= 2 / 255
+    assert np.abs(expected[MODEL_NAME] - expected["base"]).mean() > 0.02
+    assert np.abs(expected[MODEL_NAME] - expected[OTHER_MODEL]).mean() > 0.02
 
 
 def test_a_lora_that_loads_nothing_is_refused(server, tmp_path):
@@ -229,7 +226,7 @@ def test_api_key_is_required_except_for_health(server):
             assert response.status_code == 401, response.text
             assert response.json()["error"]["code"] == "invalid_api_key"
     health = server.get("/healthz", key=None)
-    assert health.status_code == 200 and health.json()["model"] == MODEL_NAME
+    assert health.status_code == 200 and health.json()["models"] == [MODEL_NAME, "base", OTHER_MODEL]
 
 
 def test_unknown_route_gets_an_openai_shaped_404_and_the_schema_is_published(server):
@@ -251,13 +248,19 @@ def test_a_taken_port_fails_fast():
     _ensure_port_free("127.0.0.1", _free_port())
 
 
-async def _post_many(server: Server, bodies: list[dict]):
+async def _post_many(server: Server, bodies: list[dict], at_once: int | None = None):
     import httpx
 
-    async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"},
-                                 limits=httpx.Limits(max_connections=len(bodies))) as client:
-        return await asyncio.gather(*(client.post(f"{server.url}/v1/images/generations", json=body)
-                                      for body in bodies))
+    at_once = at_once or len(bodies)
+    gate = asyncio.Semaphore(at_once)
+
+    async def post(client, body):
+        async with gate:
+            return await client.post(f"{server.url}/v1/images/generations", json=body)
+
+    async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {API_KEY}"},
+                                 limits=httpx.Limits(max_connections=at_once)) as client:
+        return await asyncio.gather(*(post(client, body) for body in bodies))
 
 
 def test_concurrent_requests_succeed_and_are_batched(server):
@@ -275,6 +278,32 @@ def test_concurrent_requests_succeed_and_are_batched(server):
     assert max(size for size, count in new_batches.items() if count) > 1
     # One parameter set, so one pipeline call per batch.
     assert after["pipeline_calls"] - before["pipeline_calls"] == after["batches"] - before["batches"] < 8
+
+
+def test_64_requests_16_at_a_time_all_succeed_with_pngs_of_the_requested_size(server):
+    sizes = [64, 128]
+    bodies = [{"prompt": f"{i} green bottles on a wall", "seed": i, "size": f"{sizes[i % 2]}x{sizes[i % 2]}",
+               "model": [MODEL_NAME, "base"][i % 3 == 0]} for i in range(64)]
+    responses = asyncio.run(_post_many(server, bodies, at_once=16))
+    assert [r.status_code for r in responses] == [200] * 64
+    for body, response in zip(bodies, responses):
+        [item] = response.json()["data"]
+        decode_png(item["b64_json"], size=int(body["size"].split("x")[0]))
+
+
+def test_request_metrics_reach_rays_prometheus_endpoint(server):
+    import httpx
+
+    server.images(seed=3)
+    server.post({"prompt": "a cat", "n": 0})
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+        if 'selma_image_requests_total{' in text and 'status="400"' in text and "selma_image_request_seconds" in text:
+            break
+        time.sleep(2)
+    assert f'model="{MODEL_NAME}"' in text and 'status="200"' in text and 'status="400"' in text, text[-2000:]
+    assert "selma_images_generated_total" in text
 
 
 def test_overload_gets_503_and_the_server_recovers(server):
@@ -295,9 +324,39 @@ def test_group_jobs_shares_a_call_only_when_every_parameter_agrees():
     from selma.serve.app import ImageJob, group_jobs
 
     def job(**changes):
-        fields = dict(prompt="p", seeds=(1,), steps=4, guidance_scale=7.5, size=64, negative_prompt=None)
+        fields = dict(model="merged", prompt="p", seeds=(1,), steps=4, guidance_scale=7.5, size=64,
+                      negative_prompt=None)
         return ImageJob(**{**fields, **changes})
 
     jobs = [job(), job(prompt="other", seeds=(5, 6)), job(steps=5), job(guidance_scale=1.0), job(size=128),
-            job(negative_prompt="blurry"), job(seeds=(9,))]
-    assert group_jobs(jobs) == [[0, 1, 6], [2], [3], [4], [5]]
+            job(negative_prompt="blurry"), job(seeds=(9,)), job(model="base")]
+    assert group_jobs(jobs) == [[0, 1, 6], [2], [3], [4], [5], [7]]
+
+
+def test_a_killed_model_replica_is_replaced_and_later_requests_succeed(server):
+    """Last in this module: it kills the only model replica while 16 requests are in flight."""
+    import ray
+
+    async def load_and_kill():
+        bodies = [{"prompt": f"{i} orange cones", "seed": i} for i in range(16)]
+        posting = asyncio.ensure_future(_post_many(server, bodies))
+        await asyncio.sleep(1.0)
+        [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["namespace"] == "serve" and "#ImageModel#" in a["name"]]
+        ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=True)
+        return await posting
+
+    responses = asyncio.run(load_and_kill())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, [r.text for r in responses if r.status_code not in (200, 503)]
+    for response in responses:
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] in ("replica_unavailable", "overloaded")
+    deadline = time.time() + 180
+    while True:
+        response = server.post({"prompt": "a rebuilt replica", "seed": 1})
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503 and time.time() < deadline, response.text
+        time.sleep(2)
+    assert [r.status_code for r in asyncio.run(_post_many(server, [{"prompt": "after", "seed": i} for i in range(8)]))] == [200] * 8
