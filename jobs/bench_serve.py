@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size when batching is on")
     parser.add_argument("--gpus", type=float, default=0, help="GPUs per replica")
+    parser.add_argument("--cpus", type=float, default=2, help="CPUs per replica (its torch threads on CPU)")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--requests-per-client", type=int, default=4)
     args = parser.parse_args()
@@ -63,15 +64,18 @@ def main() -> None:
     from selma.models.tiny import resolve_model
     from selma.serve.app import build_app, serve_run
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # Logical CPUs: the replica's plus the ingress's; the threads come from --cpus.
+    ray.init(num_cpus=int(args.cpus) + 1, include_dashboard=False, log_to_driver=False)
     model = resolve_model(args.model)
     body = {"prompt": "three red apples next to a blue chair", "size": f"{args.size}x{args.size}",
             "steps": args.steps}
     clients = [int(c) for c in args.clients.split(",")]
-    results: dict = {"model": args.model, "steps": args.steps, "size": args.size, "gpus_per_replica": args.gpus}
+    results: dict = {"model": args.model, "steps": args.steps, "size": args.size, "gpus_per_replica": args.gpus,
+                     "cpus_per_replica": args.cpus, "max_batch_size": args.batch}
     for name, batch in (("batching_on", args.batch), ("batching_off", 1)):
         config = ServeConfig(max_batch_size=batch, batch_wait_timeout_s=0.05, max_ongoing_requests=max(16, batch),
-                             max_queued_requests=256, gpus_per_replica=args.gpus, max_steps=max(100, args.steps))
+                             max_queued_requests=256, gpus_per_replica=args.gpus, cpus_per_replica=args.cpus,
+                             max_steps=max(100, args.steps))
         port = free_port()
         serve_run(build_app(config, base_model=model, default_steps=args.steps), "127.0.0.1", port, blocking=False)
         url = f"http://127.0.0.1:{port}/v1/images/generations"

@@ -49,7 +49,7 @@ def plain_loop(run_dir: Path, skill: str, config, warmup: int) -> float:
         if step == warmup:
             started = time.perf_counter()
         start = (step * t.batch_size) % (len(images["image"]) - t.batch_size + 1)
-        batch = prepare({k: v[start:start + t.batch_size] for k, v in images.items()})
+        batch, _ = prepare({k: v[start:start + t.batch_size] for k, v in images.items()})
         trainer.train_micro_batch({k: torch.from_numpy(v) for k, v in batch.items()})
     return round((t.max_steps - warmup) * t.batch_size / (time.perf_counter() - started), 3)
 

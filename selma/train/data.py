@@ -9,33 +9,8 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 
 import numpy as np
-
-
-def image_problem(data) -> str | None:
-    """Why an image cell cannot be trained on, or None. Cheap: checks the PNG chunks, decodes nothing."""
-    from PIL import Image
-
-    if isinstance(data, dict):  # Hugging Face Image storage: {"bytes", "path"}
-        data = data.get("bytes")
-    if not data:
-        return "no image bytes"
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-    except Exception as err:
-        return f"undecodable image: {type(err).__name__}: {err}"
-    return None
-
-
-def find_unusable_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``map_batches`` function: one row per unusable image (``skill``, ``image_id``, ``problem``)."""
-    found = [(skill, image_id, problem) for skill, image_id, data in zip(batch["skill"], batch["image_id"], batch["image"])
-             if (problem := image_problem(data)) is not None]
-    columns = list(zip(*found)) or [(), (), ()]
-    return {name: np.array(values, dtype=object) for name, values in zip(("skill", "image_id", "problem"), columns)}
 
 
 def epoch_plan(files: list[str], epochs: int, seed: int) -> list[dict]:
@@ -45,8 +20,12 @@ def epoch_plan(files: list[str], epochs: int, seed: int) -> list[dict]:
 
 
 def read_and_prepare(items: dict[str, np.ndarray], *, run_uri: str, model: str, resolution: int, rows_per_batch: int,
-                     random_crop: bool = True, random_flip: bool = True):
-    """``map_batches`` generator: for each planned file, its rows in prepared batches of ``rows_per_batch``."""
+                     random_crop: bool = True, random_flip: bool = True, report_skipped=None):
+    """``map_batches`` generator: for each planned file, its rows in prepared batches of ``rows_per_batch``.
+
+    Undecodable images are left out; ``report_skipped(rows)`` hears of them (``skill``, ``image_id``,
+    ``problem`` each), once per pass.
+    """
     import pyarrow.parquet as pq
 
     from selma.rundir import RunDir
@@ -55,9 +34,13 @@ def read_and_prepare(items: dict[str, np.ndarray], *, run_uri: str, model: str, 
     prepare = _preparer(model, resolution, random_crop, random_flip)
     for path in items["path"]:
         with filesystem.open_input_file(str(path)) as handle:
-            for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=rows_per_batch, columns=["image", "prompt"]):
-                columns = record_batch.to_pydict()
-                yield prepare({"image": columns["image"], "prompt": columns["prompt"]})
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=rows_per_batch,
+                                                         columns=["image_id", "skill", "image", "prompt"])
+            for record_batch in batches:
+                prepared, skipped = prepare(record_batch.to_pydict())
+                if skipped and report_skipped is not None:
+                    report_skipped(skipped)
+                yield prepared
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,7 +51,8 @@ def _preparer(model: str, resolution: int, random_crop: bool, random_flip: bool)
 class PrepareTrainingBatch:
     """Image rows in, model-ready arrays out; loads the tokenizer(s) once per process.
 
-    Rows whose PNG cannot be decoded are dropped with a warning.
+    Rows whose PNG cannot be decoded are left out and returned as skipped rows. Other sizes and
+    modes are converted: RGB, shorter side resized to ``resolution``, then a (random) square crop.
     """
 
     def __init__(self, model: str, resolution: int, random_crop: bool = True, random_flip: bool = True):
@@ -109,13 +93,16 @@ class PrepareTrainingBatch:
             pixels = pixels[:, ::-1]
         return np.ascontiguousarray(pixels.transpose(2, 0, 1)), original, (top, left)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels, prompts, time_ids = [], [], []
-        for data, prompt in zip(batch["image"], batch["prompt"]):
+    def __call__(self, batch: dict) -> tuple[dict[str, np.ndarray], list[dict]]:
+        """Prepared arrays for the decodable rows of ``batch``, and the skipped rows."""
+        pixels, prompts, time_ids, skipped = [], [], [], []
+        for index, (data, prompt) in enumerate(zip(batch["image"], batch["prompt"])):
             try:
                 array, original, corner = self._image(data)
             except Exception as err:
-                logging.getLogger(__name__).warning("skipping an undecodable image (%s): %r", err, prompt)
+                skipped.append({"skill": str(batch.get("skill", [""] * (index + 1))[index]),
+                                "image_id": str(batch.get("image_id", [""] * (index + 1))[index]),
+                                "problem": f"undecodable image: {type(err).__name__}: {err}"})
                 continue
             pixels.append(array)
             prompts.append(str(prompt))
@@ -126,4 +113,4 @@ class PrepareTrainingBatch:
                                  truncation=True, return_tensors="np").input_ids.astype(np.int64)
         if len(self.tokenizers) > 1:
             out["add_time_ids"] = np.asarray(time_ids, dtype=np.float32).reshape(-1, 6)
-        return out
+        return out, skipped

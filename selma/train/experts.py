@@ -209,6 +209,16 @@ def _progress_board(name: str | None):
         return None
 
 
+def _skip_reporter(board):
+    if board is None:
+        return None
+
+    def report(rows: list[dict]) -> None:
+        board.skipped.remote(rows)
+
+    return report
+
+
 def _progress_actor_class():
     import ray
 
@@ -217,6 +227,8 @@ def _progress_actor_class():
         def __init__(self):
             self.state: dict[str, tuple[int, int, float]] = {}
             self.resumes: list[tuple[str, int]] = []
+            self.skips: list[dict] = []
+            self.seen: set[tuple[str, str]] = set()
 
         def update(self, skill: str, step: int, total: int, loss: float) -> None:
             self.state[skill] = (step, total, loss)
@@ -224,8 +236,14 @@ def _progress_actor_class():
         def resumed(self, skill: str, step: int) -> None:
             self.resumes.append((skill, step))
 
+        def skipped(self, rows: list[dict]) -> None:
+            for row in rows:
+                if (row["skill"], row["image_id"]) not in self.seen:
+                    self.seen.add((row["skill"], row["image_id"]))
+                    self.skips.append(row)
+
         def snapshot(self) -> dict:
-            return {"state": dict(self.state), "resumes": list(self.resumes)}
+            return {"state": dict(self.state), "resumes": list(self.resumes), "skipped": list(self.skips)}
 
     return TrainProgress
 
@@ -250,7 +268,8 @@ def fit_expert(job: ExpertJob) -> dict:
         read_and_prepare,
         compute=ray.data.TaskPoolStrategy(size=job.data_workers),
         fn_kwargs={"run_uri": job.run_uri, "model": job.model, "resolution": job.resolution,
-                   "rows_per_batch": job.batch_size, "random_crop": job.random_crop, "random_flip": job.random_flip},
+                   "rows_per_batch": job.batch_size, "random_crop": job.random_crop, "random_flip": job.random_flip,
+                   "report_skipped": _skip_reporter(_progress_board(job.progress_actor))},
         batch_size=1,
         num_cpus=job.data_cpus,
         batch_format="numpy",
@@ -299,24 +318,6 @@ def experts_at_once(config) -> int:
     return max(1, min(int(total.get(kind, 0) // amount) for kind, amount in need.items() if amount > 0))
 
 
-def audit_training_images(run: RunDir, skills: list[str]) -> dict[str, list[dict]]:
-    """Unusable image rows per skill (undecodable or empty PNG bytes), found by one Ray Data pass."""
-    import ray.data
-
-    from selma.train.data import find_unusable_images
-
-    files = [f for skill in skills for f in run.list_files("images", skill)]
-    if not files:
-        return {}
-    found = (ray.data.read_parquet(files, filesystem=run.fs, columns=["skill", "image_id", "image"])
-             .map_batches(find_unusable_images, batch_format="numpy", batch_size=64)
-             .take_all())
-    unusable: dict[str, list[dict]] = {}
-    for row in found:
-        unusable.setdefault(str(row["skill"]), []).append({"image_id": str(row["image_id"]), "problem": str(row["problem"])})
-    return unusable
-
-
 def preflight_train(config) -> None:
     """Checks of the train settings against the model, before any stage of the run starts."""
     from selma.config import ConfigError
@@ -337,20 +338,16 @@ def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5
     t = config.train
     preflight_train(config)
     at_once = experts_at_once(config)
-    quiet_ray_data()
-    unusable = audit_training_images(run, config.skills.names)
-    for skill, rows in sorted(unusable.items()):
-        progress(f"[train] {skill}: skipping {len(rows)} unusable image(s), e.g. {rows[0]['image_id']}: {rows[0]['problem']}")
     counts = _image_counts(run)
-    usable = {s: counts.get(s, 0) - len(unusable.get(s, [])) for s in config.skills.names}
+    usable = {s: counts.get(s, 0) for s in config.skills.names}
     resolution = t.resolution or native_resolution(config.model)
     jobs = {name: ExpertJob.from_config(config, name, run, resolution) for name in config.expert_names}
     short = {name: sum(usable[s] for s in job.skills) for name, job in jobs.items()
              if sum(usable[s] for s in job.skills) < t.batch_size * t.num_workers}
     if short:
         raise RuntimeError(
-            f"train: expert(s) {sorted(short)} have fewer usable images than train.batch_size × train.num_workers "
-            f"= {t.batch_size * t.num_workers} (usable images per skill: {usable})")
+            f"train: expert(s) {sorted(short)} have fewer images than train.batch_size × train.num_workers "
+            f"= {t.batch_size * t.num_workers} (images per skill: {usable})")
     finished = run.stage("train").get("experts", {})
     todo = [name for name in jobs if name not in finished or not run.exists("experts", name)]
     skipped = [name for name in jobs if name not in todo]
@@ -363,7 +360,7 @@ def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5
     if len(queue) > at_once:
         progress(f"[train] {len(queue)} experts, {at_once} at a time (cluster resources); the rest queue")
     failures: dict[str, str] = {}
-    started, last_snapshot, resumes_reported = time.time(), None, 0
+    started, last_snapshot, resumes_reported, skips_reported = time.time(), None, 0, 0
     while queue or pending:
         while queue and len(pending) < at_once:
             name = queue.pop(0)
@@ -384,16 +381,22 @@ def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5
         for name, step in snapshot["resumes"][resumes_reported:]:
             progress(f"[train] expert {name}: resumed from its checkpoint at step {step}")
         resumes_reported = len(snapshot["resumes"])
+        for row in snapshot["skipped"][skips_reported:]:
+            progress(f"[train] {row['skill']}: skipping unusable image {row['image_id']} ({row['problem']})")
+        skips_reported = len(snapshot["skipped"])
         state = snapshot["state"]
         if pending and state and state != last_snapshot:
             last_snapshot = state
             progress("[train] " + " | ".join(f"{s} {st}/{total} loss {loss:.3f}"
                                              for s, (st, total, loss) in sorted(state.items())))
+    skipped: dict[str, list[dict]] = {}
+    for row in ray.get(board.snapshot.remote())["skipped"]:
+        skipped.setdefault(row["skill"], []).append({"image_id": row["image_id"], "problem": row["problem"]})
     ray.kill(board)
     if failures:
         raise RuntimeError(f"train: expert(s) failed: {failures}")
     return {"experts": finished, "resolution": resolution, "mode": t.mode,
-            "skipped_images": {skill: rows[:100] for skill, rows in unusable.items()}}
+            "skipped_images": {skill: rows[:100] for skill, rows in skipped.items()}}
 
 
 def _image_counts(run: RunDir) -> dict[str, int]:

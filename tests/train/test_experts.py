@@ -216,7 +216,8 @@ def _corrupt_one_image(run_dir: Path, skill: str) -> str:
 def test_an_undecodable_image_is_skipped_counted_and_reported(run_dir):
     bad = _corrupt_one_image(run_dir, "whoops")
     out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "train.max_steps=2"))
-    assert f"whoops: skipping 1 unusable image(s), e.g. {bad}" in out
+    assert f"[train] whoops: skipping unusable image {bad} (undecodable image:" in out
+    assert out.count("skipping unusable image") == 1  # once, though every epoch meets it
     stage = json.loads((run_dir / "run.json").read_text())["stages"]["train"]
     assert [row["image_id"] for row in stage["skipped_images"]["whoops"]] == [bad]
     assert "coco" not in stage["skipped_images"]

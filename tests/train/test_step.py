@@ -37,7 +37,8 @@ def _batch(model: str, count: int = 4) -> dict:
     rows = {"image": np.array([_png(c, i) for i, c in enumerate(colors)], dtype=object),
             "prompt": np.array([f"a {name} square on a plain background" for name in ("red", "green", "blue", "yellow")[:count]],
                                dtype=object)}
-    prepared = PrepareTrainingBatch(model, 64, random_crop=False, random_flip=False)(rows)
+    prepared, skipped = PrepareTrainingBatch(model, 64, random_crop=False, random_flip=False)(rows)
+    assert not skipped
     return {key: torch.from_numpy(value) for key, value in prepared.items()}
 
 
