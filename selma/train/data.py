@@ -13,6 +13,15 @@ import io
 import numpy as np
 
 
+TARGET_BLOCK_BYTES = 32 << 20
+
+
+def rows_per_block(resolution: int, batch_size: int) -> int:
+    """Rows per prepared block: about 32 MB of fp32 pixels, and at least one micro-batch. Tiny blocks
+    cost more in Ray Data's per-block overhead than in decoding."""
+    return max(batch_size, TARGET_BLOCK_BYTES // (3 * resolution * resolution * 4))
+
+
 def epoch_plan(files: list[str], epochs: int, seed: int) -> list[dict]:
     """``epochs`` passes over ``files``, each in its own seeded order."""
     rng = np.random.default_rng(seed)
@@ -21,26 +30,39 @@ def epoch_plan(files: list[str], epochs: int, seed: int) -> list[dict]:
 
 def read_and_prepare(items: dict[str, np.ndarray], *, run_uri: str, model: str, resolution: int, rows_per_batch: int,
                      random_crop: bool = True, random_flip: bool = True, report_skipped=None):
-    """``map_batches`` generator: for each planned file, its rows in prepared batches of ``rows_per_batch``.
+    """``map_batches`` generator: the rows of the planned files, in prepared batches of ``rows_per_batch``
+    (files may share a batch).
 
     Undecodable images are left out; ``report_skipped(rows)`` hears of them (``skill``, ``image_id``,
     ``problem`` each), once per pass.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from selma.rundir import RunDir
 
     filesystem = RunDir(run_uri).fs
     prepare = _preparer(model, resolution, random_crop, random_flip)
+    pending: list = []
+
+    def flush():
+        table = pa.Table.from_batches(pending)
+        pending.clear()
+        prepared, skipped = prepare(table.to_pydict())
+        if skipped and report_skipped is not None:
+            report_skipped(skipped)
+        return prepared
+
     for path in items["path"]:
         with filesystem.open_input_file(str(path)) as handle:
             batches = pq.ParquetFile(handle).iter_batches(batch_size=rows_per_batch,
                                                          columns=["image_id", "skill", "image", "prompt"])
             for record_batch in batches:
-                prepared, skipped = prepare(record_batch.to_pydict())
-                if skipped and report_skipped is not None:
-                    report_skipped(skipped)
-                yield prepared
+                pending.append(record_batch)
+                if sum(b.num_rows for b in pending) >= rows_per_batch:
+                    yield flush()
+    if pending:
+        yield flush()
 
 
 @functools.lru_cache(maxsize=4)

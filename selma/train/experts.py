@@ -256,7 +256,7 @@ def fit_expert(job: ExpertJob) -> dict:
     from ray.train.torch import TorchTrainer
 
     from selma.prompts.loop import derived_seed
-    from selma.train.data import epoch_plan, read_and_prepare
+    from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
 
     quiet_ray_data()
     run = RunDir(job.run_uri)
@@ -268,9 +268,9 @@ def fit_expert(job: ExpertJob) -> dict:
         read_and_prepare,
         compute=ray.data.TaskPoolStrategy(size=job.data_workers),
         fn_kwargs={"run_uri": job.run_uri, "model": job.model, "resolution": job.resolution,
-                   "rows_per_batch": job.batch_size, "random_crop": job.random_crop, "random_flip": job.random_flip,
+                   "rows_per_batch": rows_per_block(job.resolution, job.batch_size), "random_crop": job.random_crop, "random_flip": job.random_flip,
                    "report_skipped": _skip_reporter(_progress_board(job.progress_actor))},
-        batch_size=1,
+        batch_size=16,  # files per call; their rows are re-batched into blocks of rows_per_block
         num_cpus=job.data_cpus,
         batch_format="numpy",
     )
@@ -339,20 +339,19 @@ def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5
     preflight_train(config)
     at_once = experts_at_once(config)
     counts = _image_counts(run)
-    usable = {s: counts.get(s, 0) for s in config.skills.names}
+    counts = {s: counts.get(s, 0) for s in config.skills.names}
     resolution = t.resolution or native_resolution(config.model)
     jobs = {name: ExpertJob.from_config(config, name, run, resolution) for name in config.expert_names}
-    short = {name: sum(usable[s] for s in job.skills) for name, job in jobs.items()
-             if sum(usable[s] for s in job.skills) < t.batch_size * t.num_workers}
+    short = [name for name, job in jobs.items() if sum(counts[s] for s in job.skills) < t.batch_size * t.num_workers]
     if short:
         raise RuntimeError(
             f"train: expert(s) {sorted(short)} have fewer images than train.batch_size × train.num_workers "
-            f"= {t.batch_size * t.num_workers} (images per skill: {usable})")
+            f"= {t.batch_size * t.num_workers} (images per skill: {counts})")
     finished = run.stage("train").get("experts", {})
     todo = [name for name in jobs if name not in finished or not run.exists("experts", name)]
-    skipped = [name for name in jobs if name not in todo]
-    if skipped:
-        progress(f"[train] experts already trained, skipped: {', '.join(skipped)}")
+    already = [name for name in jobs if name not in todo]
+    if already:
+        progress(f"[train] experts already trained, skipped: {', '.join(already)}")
     board_name = f"{PROGRESS_ACTOR}-{time.time_ns()}"
     board = _progress_actor_class().options(name=board_name).remote()
     launch = ray.remote(num_cpus=0)(fit_expert)
