@@ -198,14 +198,12 @@ def group_jobs(jobs: list[ImageJob]) -> list[list[int]]:
 # --------------------------------------------------------------------------- model deployment
 
 
-def load_lora_fused(pipe, lora_dir: str) -> None:
-    """Load a diffusers-format LoRA, fuse it into the weights and drop the adapter layers."""
-    pipe.load_lora_weights(lora_dir)
+def load_adapter(pipe, lora_dir: str, name: str) -> None:
+    """Load a diffusers-format LoRA into ``pipe`` as adapter ``name``; refuse one that matches nothing."""
+    pipe.load_lora_weights(lora_dir, adapter_name=name)
     # load_lora_weights only warns when no key matches (e.g. a raw peft folder): refuse instead.
-    if not any(pipe.get_list_adapters().values()):
+    if name not in {adapter for names in pipe.get_list_adapters().values() for adapter in names}:
         raise RuntimeError(f"no LoRA weights in {lora_dir} match the pipeline's modules")
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
 
 
 class LoadedAdapter:
@@ -255,19 +253,19 @@ class ImageModel:
     async def get_adapter(self, model: str) -> LoadedAdapter:
         raise NotImplementedError("image_model_deployment() supplies the multiplexed get_adapter")
 
-    async def load_adapter(self, model: str) -> LoadedAdapter:
+    async def open_adapter(self, model: str) -> LoadedAdapter:
         if model != BASE_MODEL_NAME:
             await asyncio.to_thread(self._load_adapter, model)
         return LoadedAdapter(self, model)
 
     def _load_adapter(self, name: str) -> None:
-        pipe = self.generator.pipe
         with self.pipe_lock:
-            if name in self.loaded:
-                return
-            pipe.load_lora_weights(self.adapters[name], adapter_name=name)
-            if name not in {a for names in pipe.get_list_adapters().values() for a in names}:
-                raise RuntimeError(f"no LoRA weights in {self.adapters[name]} match the pipeline's modules")
+            self._ensure_loaded(name)
+
+    def _ensure_loaded(self, name: str) -> None:
+        """Under pipe_lock."""
+        if name not in self.loaded:
+            load_adapter(self.generator.pipe, self.adapters[name], name)
             self.loaded.add(name)
             self.active = None
 
@@ -287,9 +285,7 @@ class ImageModel:
             if self.loaded:
                 pipe.disable_lora()
         else:
-            if name not in self.loaded:  # evicted between routing and drawing
-                pipe.load_lora_weights(self.adapters[name], adapter_name=name)
-                self.loaded.add(name)
+            self._ensure_loaded(name)  # it may have been evicted between routing and drawing
             pipe.enable_lora()
             pipe.set_adapters([name])
         self.active = name
@@ -338,7 +334,7 @@ def image_model_deployment(max_loaded_adapters: int):
     class MultiplexedImageModel(ImageModel):
         @serve.multiplexed(max_num_models_per_replica=max_loaded_adapters)
         async def get_adapter(self, model: str) -> LoadedAdapter:
-            return await self.load_adapter(model)
+            return await self.open_adapter(model)
 
     return serve.deployment(name="ImageModel")(MultiplexedImageModel)
 

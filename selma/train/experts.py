@@ -60,7 +60,7 @@ class ExpertJob:
     progress_actor: str | None = None
 
     @classmethod
-    def from_config(cls, config, expert: str, run: RunDir, resolution: int, progress_actor: str | None = None):
+    def from_config(cls, config, expert: str, run: RunDir, resolution: int):
         from selma.config import JOINT_EXPERT
 
         t = config.train
@@ -75,7 +75,7 @@ class ExpertJob:
             mixed_precision=t.mixed_precision, strategy=t.strategy, zero_stage=t.zero_stage,
             num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
             data_cpus=t.data_cpus, data_workers=t.data_workers, checkpoint_every=t.checkpoint_every, max_failures=t.max_failures,
-            seed=t.seed, progress_actor=progress_actor,
+            seed=t.seed,
         )
 
     @property

@@ -138,7 +138,7 @@ def test_same_seed_gives_identical_bytes_and_each_image_has_seed_plus_index(serv
 def test_each_model_is_its_lora_and_the_lru_swaps_adapters(server):
     """base, the default adapter and a second one, alternated on one replica that holds one adapter."""
     from selma.images.generator import GenerationSettings, ImageGenerator
-    from selma.serve.app import load_lora_fused
+    from selma.serve.app import load_adapter
 
     prompt = "a wooden boat on a lake"
     served = {}
@@ -150,7 +150,7 @@ def test_each_model_is_its_lora_and_the_lru_swaps_adapters(server):
     def local(lora_dir):
         generator = ImageGenerator(server.base_model, GenerationSettings(steps=STEPS), device="cpu")
         if lora_dir:
-            load_lora_fused(generator.pipe, lora_dir)
+            load_adapter(generator.pipe, lora_dir, "reference")
         return generator.generate([prompt], [42])[0]
 
     expected = {MODEL_NAME: local(server.lora_dir), "base": local(None), OTHER_MODEL: local(server.other_lora_dir)}
@@ -167,14 +167,14 @@ def test_a_lora_that_loads_nothing_is_refused(server, tmp_path):
     from safetensors.torch import save_file
 
     from selma.images.generator import load_pipeline
-    from selma.serve.app import load_lora_fused
+    from selma.serve.app import load_adapter
 
     module = "base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     save_file({f"{module}.lora_A.weight": torch.ones(4, 64), f"{module}.lora_B.weight": torch.ones(64, 4)},
               str(tmp_path / "pytorch_lora_weights.safetensors"))
     pipe = load_pipeline(server.base_model, device="cpu")
     with pytest.raises(RuntimeError, match="no LoRA weights"):
-        load_lora_fused(pipe, str(tmp_path))
+        load_adapter(pipe, str(tmp_path), "raw-peft")
 
 
 LONG_PROMPT = "a " * 150

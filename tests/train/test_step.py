@@ -155,13 +155,18 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
 
 
-def test_deepspeed_zero2_in_a_plain_process_trains_and_resumes(tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_in_a_plain_process_trains_and_resumes(tmp_path, zero_stage):
+    """ZeRO-3 partitions the LoRA weights too: lora_state_dict must gather them whole."""
     init_single_process_group("cpu")
-    settings = OptimizerSettings(learning_rate=1e-3, micro_batch_size=2, strategy="deepspeed", zero_stage=2)
+    settings = OptimizerSettings(learning_rate=1e-3, micro_batch_size=2, strategy="deepspeed", zero_stage=zero_stage)
     straight = _train(settings, 3, None, tmp_path / "a")
     resumed = _train(settings, 3, 1, tmp_path / "b")
     assert (tmp_path / "b" / "deepspeed").is_dir() and (tmp_path / "b" / "step.json").exists()
+    reference = _train(OptimizerSettings(learning_rate=1e-3, micro_batch_size=2), 3, None, tmp_path / "c")
+    assert sorted(straight) == sorted(reference)
     for key in straight:
+        assert straight[key].shape == reference[key].shape
         torch.testing.assert_close(resumed[key], straight[key])
     assert any(float(v.abs().sum()) > 0 for k, v in straight.items() if "lora_B" in k)
 
