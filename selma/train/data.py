@@ -44,10 +44,13 @@ def read_and_prepare(items: dict[str, np.ndarray], *, run_uri: str, model: str, 
     filesystem = RunDir(run_uri).fs
     prepare = _preparer(model, resolution, random_crop, random_flip)
     pending: list = []
+    pending_rows = 0
 
     def flush():
+        nonlocal pending_rows
         table = pa.Table.from_batches(pending)
         pending.clear()
+        pending_rows = 0
         prepared, skipped = prepare(table.to_pydict())
         if skipped and report_skipped is not None:
             report_skipped(skipped)
@@ -59,7 +62,8 @@ def read_and_prepare(items: dict[str, np.ndarray], *, run_uri: str, model: str, 
                                                          columns=["image_id", "skill", "image", "prompt"])
             for record_batch in batches:
                 pending.append(record_batch)
-                if sum(b.num_rows for b in pending) >= rows_per_batch:
+                pending_rows += record_batch.num_rows
+                if pending_rows >= rows_per_batch:
                     yield flush()
     if pending:
         yield flush()

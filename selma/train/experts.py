@@ -335,8 +335,7 @@ def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5
 
     from selma.images.generator import native_resolution
 
-    t = config.train
-    preflight_train(config)
+    t = config.train  # preflight_train already ran (pipeline.run_stages, before any stage)
     at_once = experts_at_once(config)
     counts = _image_counts(run)
     counts = {s: counts.get(s, 0) for s in config.skills.names}

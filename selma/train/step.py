@@ -287,6 +287,8 @@ class LoraTrainStep:
 
     def lora_state_dict(self) -> dict:
         """The full fp32 LoRA tensors (gathered across ranks under ZeRO-3); call on every rank."""
+        import torch
+
         if self.engine is not None and self.settings.zero_stage == 3:
             from deepspeed.utils import safe_get_full_fp32_param
             from peft.utils import get_peft_model_state_dict
@@ -297,10 +299,7 @@ class LoraTrainStep:
                 if parameter.requires_grad:
                     full[name] = safe_get_full_fp32_param(parameter).detach().to("cpu").contiguous()
             return {key: full[_parameter_name(key, full)] for key in names}
-        state = lora_state_dict(self.components.unet)
-        import torch
-
-        return {k: v.to(torch.float32) for k, v in state.items()}
+        return {k: v.to(torch.float32) for k, v in lora_state_dict(self.components.unet).items()}
 
     def save_checkpoint(self, directory, rank: int) -> None:
         """Every rank calls this with its own directory (the directories may be merged afterwards)."""
