@@ -26,6 +26,7 @@ class GenerationSettings:
     compile: bool = False
     vae_slicing: bool = False
     vae_tiling: bool = False
+    truncate_long_prompts: bool = False  # False: refuse prompts the text encoder would cut short
 
     @classmethod
     def from_config(cls, images_config) -> "GenerationSettings":
@@ -87,14 +88,28 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class ImageGenerator:
-    """Loads a pipeline once and draws seeded images for batches of prompts."""
+def load_adapter(pipe, lora_dir: str, name: str) -> None:
+    """Load a diffusers-format LoRA into ``pipe`` as adapter ``name``; refuse one that matches nothing."""
+    pipe.load_lora_weights(lora_dir, adapter_name=name)
+    # load_lora_weights only warns when no key matches (e.g. a raw peft folder): refuse instead.
+    if name not in {adapter for names in pipe.get_list_adapters().values() for adapter in names}:
+        raise RuntimeError(f"no LoRA weights in {lora_dir} match the pipeline's modules")
 
-    def __init__(self, model: str, settings: GenerationSettings, *, device: str | None = None):
+
+class ImageGenerator:
+    """Loads a pipeline once (with a LoRA fused in when ``lora`` names a folder) and draws seeded
+    images for batches of prompts."""
+
+    def __init__(self, model: str, settings: GenerationSettings, *, device: str | None = None,
+                 lora: str | None = None):
         self.model = model
         self.settings = settings
         self.device = device or default_device()
         self.pipe = load_pipeline(model, dtype=settings.dtype, device=self.device)
+        if lora:
+            load_adapter(self.pipe, lora, "selma")
+            self.pipe.fuse_lora(adapter_names=["selma"], lora_scale=1.0)
+            self.pipe.unload_lora_weights()
         self._optimize(settings)
 
     def _optimize(self, settings: GenerationSettings) -> None:
@@ -117,7 +132,9 @@ class ImageGenerator:
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
 
     def check_prompt_lengths(self, prompts: list[str]) -> None:
-        """Refuse prompts the text encoder would silently truncate."""
+        """Refuse prompts the text encoder would silently truncate (unless truncation is allowed)."""
+        if self.settings.truncate_long_prompts:
+            return
         tokenizer = self.pipe.tokenizer
         limit = tokenizer.model_max_length
         for prompt in prompts:

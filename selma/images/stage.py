@@ -50,14 +50,15 @@ def written_image_ids(run: RunDir) -> set[str]:
 class GenerateImages:
     """Ray Data callable class: one pipeline per actor, a batch of rows in, rows with PNGs out."""
 
-    def __init__(self, model: str, settings: GenerationSettings, num_threads: int | None = None):
+    def __init__(self, model: str, settings: GenerationSettings, num_threads: int | None = None,
+                 lora: str | None = None):
         import torch
 
         from selma.images.generator import ImageGenerator
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.generator = ImageGenerator(model, settings)
+        self.generator = ImageGenerator(model, settings, lora=lora)
         self.model = model
         self.settings = settings
 
@@ -89,7 +90,7 @@ class GenerateImages:
         }
 
 
-def _image_sink(run_uri: str):
+def _image_sink(run_uri: str, images_dir: str = "images", errors_dir: str = "errors/images"):
     from ray.data import Datasink
 
     class ImageParquetSink(Datasink):
@@ -109,11 +110,11 @@ def _image_sink(run_uri: str):
                 errors = table.filter(is_error).drop_columns(["image"])
                 good = table.filter(pc.invert(is_error)).select(IMAGE_COLUMNS)
                 if errors.num_rows:
-                    run.write_table(f"errors/images/{new_part_name()}", errors)
+                    run.write_table(f"{errors_dir}/{new_part_name()}", errors)
                     failed += errors.num_rows
                 for skill in pc.unique(good.column("skill")).to_pylist():
                     part = good.filter(pc.equal(good.column("skill"), skill))
-                    run.write_table(f"images/{skill}/{new_part_name()}", with_hf_features(part))
+                    run.write_table(f"{images_dir}/{skill}/{new_part_name()}", with_hf_features(part))
                     written += part.num_rows
             return {"written": written, "failed": failed}
 
@@ -220,14 +221,15 @@ def image_dataset(rows: pa.Table, model: str, settings: GenerationSettings, *, b
 
 
 def draw_images(planned, model: str, settings: GenerationSettings, *, batch_size: int,
-                actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0):
-    """``planned`` (a dataset of planned image rows) drawn on a pool of (min, max) generator actors."""
+                actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0, lora: str | None = None):
+    """``planned`` (a dataset of planned image rows) drawn on a pool of (min, max) generator actors,
+    with the LoRA in folder ``lora`` fused into the model when given."""
     import ray
 
     threads = max(1, int(cpus_per_actor)) if not gpus_per_actor else None
     return planned.map_batches(
         GenerateImages,
-        fn_constructor_args=(model, settings, threads),
+        fn_constructor_args=(model, settings, threads, lora),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_gpus=gpus_per_actor or None,
@@ -236,10 +238,10 @@ def draw_images(planned, model: str, settings: GenerationSettings, *, batch_size
     )
 
 
-def write_images(dataset, run: RunDir) -> None:
-    """Stream ``dataset`` into ``run``'s images/ and errors/images/, block by block."""
+def write_images(dataset, run: RunDir, images_dir: str = "images", errors_dir: str = "errors/images") -> None:
+    """Stream ``dataset`` into ``run``'s ``images_dir/<skill>/`` and ``errors_dir``, block by block."""
     # Writing is I/O: with a CPU per write task it would starve once the actors hold every CPU.
-    dataset.write_datasink(_image_sink(run.uri), ray_remote_args={"num_cpus": 0})
+    dataset.write_datasink(_image_sink(run.uri, images_dir, errors_dir), ray_remote_args={"num_cpus": 0})
 
 
 def batched_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:

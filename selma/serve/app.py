@@ -198,14 +198,6 @@ def group_jobs(jobs: list[ImageJob]) -> list[list[int]]:
 # --------------------------------------------------------------------------- model deployment
 
 
-def load_adapter(pipe, lora_dir: str, name: str) -> None:
-    """Load a diffusers-format LoRA into ``pipe`` as adapter ``name``; refuse one that matches nothing."""
-    pipe.load_lora_weights(lora_dir, adapter_name=name)
-    # load_lora_weights only warns when no key matches (e.g. a raw peft folder): refuse instead.
-    if name not in {adapter for names in pipe.get_list_adapters().values() for adapter in names}:
-        raise RuntimeError(f"no LoRA weights in {lora_dir} match the pipeline's modules")
-
-
 class LoadedAdapter:
     """What ``@serve.multiplexed`` caches per model id; evicting it unloads the adapter."""
 
@@ -264,6 +256,8 @@ class ImageModel:
 
     def _ensure_loaded(self, name: str) -> None:
         """Under pipe_lock."""
+        from selma.images.generator import load_adapter
+
         if name not in self.loaded:
             load_adapter(self.generator.pipe, self.adapters[name], name)
             self.loaded.add(name)

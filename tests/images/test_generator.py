@@ -53,3 +53,26 @@ def test_sdxl_family_pipelines_generate_too():
     assert [png_bytes(i) for i in sdxl.generate(PROMPTS, [1, 2])] == [png_bytes(i) for i in images]
     # Another batch composition changes pixels only by float rounding.
     np.testing.assert_allclose(sdxl.generate(PROMPTS[:1], [1])[0], images[0], atol=1e-3)
+
+
+def test_a_lora_folder_is_fused_in_as_plain_diffusers_would(generator, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
+    from lora_helpers import write_random_lora
+
+    import torch
+
+    from selma.images.generator import load_pipeline
+
+    lora = write_random_lora("tiny:sd", tmp_path / "lora")
+    with_lora = ImageGenerator("tiny:sd", generator.settings, device="cpu", lora=lora)
+    drawn = with_lora.generate(["a red cube"], [7])[0]
+    plain = load_pipeline("tiny:sd", device="cpu")
+    plain.load_lora_weights(lora)
+    reference = plain(prompt=["a red cube"], num_inference_steps=generator.settings.steps,
+                      guidance_scale=generator.settings.guidance_scale,
+                      generator=[torch.Generator().manual_seed(7)], output_type="np").images[0]
+    assert np.abs(drawn - reference).max() < 2 / 255
+    assert np.abs(drawn - generator.generate(["a red cube"], [7])[0]).max() > 0.05
