@@ -32,3 +32,15 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on 2 shared cores, torch's spinning OpenMP threads slow tiny
+    models 10-40x as soon as another process (Ray, another test run) holds a core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,6 +10,7 @@ trained locally on a small built-in English word list: nothing touches a model h
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -20,6 +21,17 @@ TINY_PREFIX = "tiny:"
 PIPELINE_FAMILIES = ("sd", "sdxl")
 CACHE_VERSION = "v1"
 DEFAULT_RESOLUTION = 64
+# Tiny models that are not text-to-image pipelines: family -> "module:function(out_dir)".
+# Evaluation models live in their own modules so that building one imports only what it needs.
+TINY_MODELS = {
+    "lm": "selma.models.tiny:build_tiny_lm",
+    "vlm": "selma.models.tiny_vlm:build_tiny_vlm",  # image-text-to-text (Llava-style)
+    "blip2": "selma.models.tiny_vlm:build_tiny_blip2",
+    "clip": "selma.models.tiny_scorers:build_tiny_clip",  # CLIPModel + processor (CLIPScore, PickScore)
+    "hps": "selma.models.tiny_scorers:build_tiny_hps",
+    "imagereward": "selma.models.tiny_scorers:build_tiny_imagereward",
+    "sbert": "selma.models.tiny_scorers:build_tiny_sentence_encoder",
+}
 MAX_PROMPT_TOKENS = 77
 
 CLIP_BOS = "<|startoftext|>"
@@ -354,26 +366,23 @@ def build_tiny_pipeline(out_dir: str | Path, family: str = "sd", resolution: int
 # --------------------------------------------------------------------------- language model
 
 
+def tiny_llama_config(tokenizer, **extra):
+    """A 2-layer ``LlamaConfig`` for ``tokenizer`` (head_dim 64, as vLLM on CPU needs)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, **extra)
+
+
 def build_tiny_lm(out_dir: str | Path, seed: int = 0) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` (head_dim 64, as vLLM on CPU needs) and its tokenizer."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     tokenizer = build_lm_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(tokenizer, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
@@ -384,11 +393,11 @@ def build_tiny_lm(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    _name_generic_tokenizer_class(out_dir / "tokenizer_config.json")
+    name_generic_tokenizer_class(out_dir / "tokenizer_config.json")
     return out_dir
 
 
-def _name_generic_tokenizer_class(config_file: Path) -> None:
+def name_generic_tokenizer_class(config_file: Path) -> None:
     # transformers 5 records "TokenizersBackend", a class transformers 4 does not know;
     # "PreTrainedTokenizerFast" loads the same tokenizer.json in both.
     config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -408,12 +417,13 @@ def parse_tiny_spec(spec: str) -> tuple[str, int | None]:
     if not is_tiny_spec(spec):
         raise ValueError(f"not a tiny model spec: {spec!r}")
     family, _, resolution_text = spec[len(TINY_PREFIX):].partition("@")
-    if family == "lm":
+    if family in TINY_MODELS:
         if resolution_text:
-            raise ValueError(f"the tiny LM takes no resolution: {spec!r}")
+            raise ValueError(f"tiny:{family} takes no resolution: {spec!r}")
         return family, None
     if family not in PIPELINE_FAMILIES:
-        raise ValueError(f"unknown tiny model {spec!r}; expected tiny:sd, tiny:sdxl or tiny:lm (tiny:sd@128)")
+        known = ", ".join(f"tiny:{f}" for f in (*PIPELINE_FAMILIES, *TINY_MODELS))
+        raise ValueError(f"unknown tiny model {spec!r}; expected one of {known} (pipelines take a size: tiny:sd@128)")
     if not resolution_text:
         return family, DEFAULT_RESOLUTION
     if not resolution_text.isdigit():
@@ -433,8 +443,9 @@ def tiny_model_name(spec: str) -> str:
 
 def _build_tiny(spec: str, out_dir: Path) -> None:
     family, resolution = parse_tiny_spec(spec)
-    if family == "lm":
-        build_tiny_lm(out_dir)
+    if family in TINY_MODELS:
+        module, function = TINY_MODELS[family].split(":")
+        getattr(importlib.import_module(module), function)(out_dir)
     else:
         build_tiny_pipeline(out_dir, family=family, resolution=resolution)
 

@@ -19,17 +19,7 @@ from selma.models import tiny
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "three red circles above a blue square"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # On 2 shared cores, torch's 2 spinning OpenMP threads slow tiny models 10-40x as soon as
-    # another process (Ray, another test run) holds a core.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
