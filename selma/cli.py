@@ -48,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
+    evaluate = commands.add_parser(
+        "eval", help="score models (base, merged, experts, LoRA folders) on DSG-1K / TIFA and write a comparison report",
+        description="Draw each model's images for a benchmark's prompts, answer its questions with a VQA model, "
+                    "score, and write eval/<model>/ plus eval/report.md and report.png in the run directory.")
+    evaluate.add_argument("run_dir", help="run directory (its run.json's config is used unless --config is given)")
+    evaluate.add_argument("--config", "-c", help="a preset or YAML file (default: the run's own config, else tiny)")
+    evaluate.add_argument("--models", metavar="M1,M2",
+                          help="comma-separated: base, merged, experts, expert-<name> or a LoRA folder (default: eval.models)")
+    evaluate.add_argument("--benchmark", action="append", choices=["dsg", "tifa", "prompts"],
+                          help="repeatable (default: eval.benchmarks)")
+    evaluate.add_argument("--limit", type=int, help="a seeded random sample of this many prompts per benchmark")
+    evaluate.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                          help="config overrides, e.g. eval.dsg_annotations=path/dsg-1k-anns.csv eval.vqa.model=DIR")
+
     commands.add_parser("merge-adapters", add_help=False,
                                    help="merge LoRA adapter folders without a run directory (see --help)")
 
@@ -154,6 +168,31 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from selma.config import load_config
+    from selma.eval.run import run_eval
+    from selma.rundir import RunDir
+    from selma.serve.run import load_run_config
+
+    overrides = list(args.overrides)
+    if args.models:
+        overrides.append(f"eval.models={json.dumps([m.strip() for m in args.models.split(',') if m.strip()])}")
+    if args.benchmark:
+        overrides.append(f"eval.benchmarks={json.dumps(args.benchmark)}")
+    if args.limit is not None:
+        overrides.append(f"eval.limit={args.limit}")
+    if args.config or not RunDir(args.run_dir).exists("run.json"):
+        config = load_config(args.config or "tiny", [*overrides, f"run_dir={args.run_dir}"])
+        run = RunDir(args.run_dir)
+    else:
+        config, run = load_run_config(args.run_dir, overrides)
+    result = run_eval(config, run)
+    print()
+    print(RunDir(run.uri).read_bytes("eval/report.md").decode())
+    print(f"report: {result['report']['markdown']}, chart: {result['report']['chart']}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from selma.images.export import export_imagefolder
     from selma.rundir import RunDir
@@ -163,7 +202,7 @@ def _cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"export": _cmd_export, "config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
+COMMANDS = {"eval": _cmd_eval, "export": _cmd_export, "config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         from selma.merge.stage import merge_main
 
         return merge_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides given after an option (`--limit 5 key=value`) are left over by argparse.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler = COMMANDS.get(args.command, _cmd_stages)
     try:
         return handler(args)

@@ -61,10 +61,35 @@ class OpenAIEndpointConfig(_Section):
         return url.rstrip("/") if url else url
 
 
-class PromptsConfig(_Section):
+class LLMConfig(_Section):
+    """An LLM backend: what the prompt stage and DSG question generation run on."""
+
     backend: Literal["template", "transformers", "vllm", "openai"] = Field(
         "template", description="template: offline phrase generator for demos and tests, not an LLM")
     model: str | None = Field(None, description="LLM path or hub id (the model name sent to an openai endpoint)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(1024, ge=16)
+    seed: int = 0
+    sampling_params: dict[str, Any] = Field(
+        default_factory=dict, description="vllm/openai: extra sampling parameters (stop, repetition_penalty, ...)")
+    batch_size: int = Field(16, ge=1, description="requests per LLM batch")
+    concurrency: int = Field(1, ge=1, description="LLM workers (engines, model replicas or HTTP clients)")
+    gpus_per_worker: float = Field(0, ge=0, description="transformers/vllm: GPUs per worker; 0 runs on CPU")
+    cpus_per_worker: float = Field(1, gt=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments")
+    openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig)
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> "LLMConfig":
+        if self.backend in ("transformers", "vllm", "openai") and not self.model:
+            raise ValueError(f"backend {self.backend!r} needs model (an LLM path or hub id)")
+        if self.backend == "openai" and not self.openai.base_url:
+            raise ValueError("backend 'openai' needs openai.base_url (e.g. http://host:8000/v1)")
+        return self
+
+
+class PromptsConfig(LLMConfig):
     per_skill: int = Field(1000, ge=1, description="accepted LLM prompts per skill")
     examples_per_request: int = Field(3, ge=1)
     candidates_per_request: int = Field(20, ge=1)
@@ -73,28 +98,12 @@ class PromptsConfig(_Section):
         1, ge=1, description="rounds per skill sent before the previous ones are filtered; 1 is the paper's loop")
     max_rounds: int = Field(1000, ge=1, description="give up on a skill after this many rounds")
     rouge_threshold: float = Field(0.8, gt=0, le=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(1024, ge=16)
-    seed: int = 0
-    sampling_params: dict[str, Any] = Field(
-        default_factory=dict, description="vllm/openai: extra sampling parameters (stop, repetition_penalty, ...)")
-    batch_size: int = Field(16, ge=1, description="requests per LLM batch; capped at requests_per_round")
-    concurrency: int = Field(1, ge=1, description="LLM workers (engines, model replicas or HTTP clients)")
-    gpus_per_worker: float = Field(0, ge=0, description="transformers/vllm: GPUs per worker; 0 runs on CPU")
-    cpus_per_worker: float = Field(1, gt=0)
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments")
-    openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig)
 
     @model_validator(mode="after")
-    def _backend_settings(self) -> "PromptsConfig":
-        if self.backend in ("transformers", "vllm", "openai") and not self.model:
-            raise ValueError(f"backend {self.backend!r} needs prompts.model (an LLM path or hub id)")
+    def _cap_batch_size(self) -> "PromptsConfig":
         if self.batch_size > self.requests_per_round:
             # A batch waits until it is full, and a skill's next round waits for this one.
             self.batch_size = self.requests_per_round
-        if self.backend == "openai" and not self.openai.base_url:
-            raise ValueError("backend 'openai' needs prompts.openai.base_url (e.g. http://host:8000/v1)")
         return self
 
 
@@ -242,9 +251,74 @@ class ServeConfig(_Section):
         return self
 
 
+class QuestionLLMConfig(LLMConfig):
+    """The LLM that writes DSG questions (tuples, dependencies, questions) for prompts without them."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(512, ge=16)
+
+
+class VQAConfig(_Section):
+    backend: Literal["transformers", "vqascore", "vllm"] = Field(
+        "transformers", description="transformers: free-form answers; vqascore: P(yes); vllm: vLLM multimodal")
+    model: str | None = Field(None, description="a local image-text-to-text checkpoint folder, e.g. InstructBLIP or "
+                                                "Llava (tiny:vlm: a random stand-in)")
+    batch_size: int = Field(8, ge=1, description="(image, question) pairs per forward pass")
+    max_new_tokens: int = Field(16, ge=1)
+    prompt_template: str | None = Field(None, description="e.g. 'Question: {question} Answer:'; None: the model's chat template")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    num_actors: int = Field(1, ge=1, description="VQA actors the questions are sharded across")
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments")
+
+
 class EvalConfig(_Section):
-    benchmarks: list[Literal["dsg", "tifa"]] = Field(default_factory=lambda: ["dsg"])
-    limit: int | None = Field(None, ge=1)
+    models: list[str] = Field(
+        default_factory=lambda: ["base", "merged"],
+        description="base, merged, expert-<name>, experts (every expert), or a LoRA folder path")
+    benchmarks: list[Literal["dsg", "tifa", "prompts"]] = Field(
+        default_factory=lambda: ["dsg"], min_length=1, description="prompts: your own prompt file, questions written by eval.questions")
+    dsg_annotations: str | None = Field(None, description="DSG-1K's dsg-1k-anns.csv (github.com/j-min/DSG)")
+    tifa_prompts: str | None = Field(None, description="TIFA v1.0's tifa_v1.0_text_inputs.json (github.com/Yushi-Hu/tifa)")
+    tifa_questions: str | None = Field(
+        None, description="tifa_v1.0_question_answers.json (TIFA release format); None: DSG questions written by eval.questions")
+    prompts_file: str | None = Field(None, description="benchmark 'prompts': a .txt (one per line), .jsonl or .csv with a prompt column")
+    answer_encoder: str | None = Field(
+        None, description="sentence-embedding model folder that maps free-form answers to the nearest TIFA choice")
+    questions: QuestionLLMConfig | None = Field(None, description="the LLM that writes DSG questions for new prompts")
+    vqa: VQAConfig = Field(default_factory=VQAConfig)
+    rewards: dict[str, str] = Field(
+        default_factory=dict, description="reward scorer -> local weights (clipscore, pickscore, hpsv2, hpsv2.1, imagereward)")
+    limit: int | None = Field(None, ge=1, description="evaluate a seeded random sample of this many prompts per benchmark")
+    sample_seed: int = 0
+    images_per_prompt: int = Field(1, ge=1)
+    seed: int = Field(0, description="image seeds derive from it and the prompt, identical for every model")
+    steps: int | None = Field(None, ge=1, description="None: images.steps")
+    batch_size: int = Field(4, ge=1, description="images per generation batch")
+    num_actors: int = Field(1, ge=1, description="image generation actors per model")
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, models: list[str]) -> list[str]:
+        if not models:
+            raise ValueError("name at least one model")
+        if len(set(models)) != len(models):
+            raise ValueError(f"models repeat: {models}")
+        return models
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, rewards: dict[str, str]) -> dict[str, str]:
+        from selma.eval.rewards import REWARD_SCORERS
+
+        unknown = sorted(set(rewards) - set(REWARD_SCORERS))
+        if unknown:
+            raise ValueError(f"unknown reward scorer(s) {unknown}; known: {sorted(REWARD_SCORERS)}")
+        return rewards
 
 
 class RayConfig(_Section):

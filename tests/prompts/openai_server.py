@@ -23,8 +23,10 @@ LAST_NUMBER = re.compile(r"(\d+)\.\s*$")
 
 class FakeOpenAI:
     def __init__(self, *, delay_s: float = 0.0, unavailable_first: int = 0, api_key: str | None = None,
-                 candidates: int = 5):
+                 candidates: int = 5, respond=None):
+        """``respond(prompt) -> text`` replaces the template phrases (e.g. to answer DSG's calls)."""
         self.delay_s, self.unavailable_left, self.api_key = delay_s, unavailable_first, api_key
+        self.respond = respond
         self.candidates = candidates
         self.requests: list[dict] = []
         self.headers: list[dict] = []
@@ -80,9 +82,14 @@ class FakeOpenAI:
         prompt = payload["messages"][-1]["content"] if chat else payload["prompt"]
         match = LAST_NUMBER.search(prompt)
         first_index = int(match.group(1)) if match else 1
-        text = self.template.generate([LLMRequest(skill="coco", prompt=prompt, seed=int(payload.get("seed", 0)),
-                                                  num_candidates=self.candidates, first_index=first_index)])[0]
-        if chat:
+        if self.respond is not None:
+            text = self.respond(prompt)
+        else:
+            text = self.template.generate([LLMRequest(skill="coco", prompt=prompt, seed=int(payload.get("seed", 0)),
+                                                      num_candidates=self.candidates, first_index=first_index)])[0]
+        if chat and self.respond is not None:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        elif chat:
             lines = text.strip().split("\n")
             text = "Here are more descriptions:\n" + "\n".join([f"{first_index}. {lines[0]}", *lines[1:]])
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
