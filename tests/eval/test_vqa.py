@@ -25,7 +25,8 @@ from selma.models import tiny_vlm
 from selma.models.tiny import build_lm_tokenizer, resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = os.environ.get("SELMA_VLLM_PYTHON", str(REPO_ROOT / ".venv-vllm" / "bin" / "python"))
+# Absolute (the subprocess runs elsewhere), but not resolved: the venv's python is a symlink.
+VLLM_PYTHON = os.path.abspath(os.environ.get("SELMA_VLLM_PYTHON", str(REPO_ROOT / ".venv-vllm" / "bin" / "python")))
 # Questions of different lengths, so batches are padded.
 QUESTIONS = [
     "Is there a red dog?",
