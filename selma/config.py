@@ -118,6 +118,8 @@ class ImagesConfig(_Section):
     num_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0, ge=0)
     cpus_per_actor: float = Field(1, gt=0)
+    resources_per_actor: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per generator actor, e.g. {gpu_node: 1}")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the UNet (pays off on GPUs for long runs)")
@@ -162,6 +164,8 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = True
     cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {gpu_node: 1} to pin experts to a node type")
     data_cpus: float = Field(1, gt=0, description="CPUs per Ray Data task that decodes and tokenises")
     data_workers: int = Field(4, ge=1, description="concurrent Ray Data preprocessing tasks per expert")
     checkpoint_every: int = Field(500, ge=1)

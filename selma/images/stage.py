@@ -188,7 +188,7 @@ def _draw(config, run: RunDir, planned, total: int | None, progress, poll_second
     cfg = config.images
     dataset = draw_images(planned, config.image_model, GenerationSettings.from_config(cfg), batch_size=cfg.batch_size,
                           actors=(1, cfg.num_actors), cpus_per_actor=cfg.cpus_per_actor,
-                          gpus_per_actor=cfg.gpus_per_actor)
+                          gpus_per_actor=cfg.gpus_per_actor, resources=cfg.resources_per_actor)
     failure: list[BaseException] = []
 
     def write() -> None:
@@ -221,7 +221,8 @@ def image_dataset(rows: pa.Table, model: str, settings: GenerationSettings, *, b
 
 
 def draw_images(planned, model: str, settings: GenerationSettings, *, batch_size: int,
-                actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0, lora: str | None = None):
+                actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0, lora: str | None = None,
+                resources: dict[str, float] | None = None):
     """``planned`` (a dataset of planned image rows) drawn on a pool of (min, max) generator actors,
     with the LoRA in folder ``lora`` fused into the model when given."""
     import ray
@@ -234,6 +235,7 @@ def draw_images(planned, model: str, settings: GenerationSettings, *, batch_size
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_gpus=gpus_per_actor or None,
         num_cpus=cpus_per_actor,
+        resources=resources or None,
         batch_format="numpy",
     )
 

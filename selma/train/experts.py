@@ -57,6 +57,7 @@ class ExpertJob:
     checkpoint_every: int
     max_failures: int
     seed: int
+    resources_per_worker: tuple[tuple[str, float], ...] = ()  # custom Ray resources, e.g. a node type
     progress_actor: str | None = None
 
     @classmethod
@@ -75,7 +76,7 @@ class ExpertJob:
             mixed_precision=t.mixed_precision, strategy=t.strategy, zero_stage=t.zero_stage,
             num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
             data_cpus=t.data_cpus, data_workers=t.data_workers, checkpoint_every=t.checkpoint_every, max_failures=t.max_failures,
-            seed=t.seed,
+            seed=t.seed, resources_per_worker=tuple(sorted(t.resources_per_worker.items())),
         )
 
     @property
@@ -274,7 +275,7 @@ def fit_expert(job: ExpertJob) -> dict:
         num_cpus=job.data_cpus,
         batch_format="numpy",
     )
-    resources = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
+    resources = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {}), **dict(job.resources_per_worker)}
     trainer = TorchTrainer(
         train_expert_loop,
         train_loop_config=asdict(job),
@@ -295,26 +296,36 @@ def expert_resources(t) -> dict[str, float]:
     each expert's data pipeline counts for at least one whole CPU.
     """
     return {"CPU": t.num_workers * t.cpus_per_worker + max(1, math.ceil(t.data_workers * t.data_cpus)),
-            "GPU": float(t.num_workers if t.use_gpu else 0)}
+            "GPU": float(t.num_workers if t.use_gpu else 0),
+            **{name: t.num_workers * amount for name, amount in t.resources_per_worker.items()}}
 
 
 def experts_at_once(config) -> int:
-    """How many experts train side by side; the rest queue. Fails fast when not even one fits
-    (Ray Train, or its data pipeline, would wait forever for resources)."""
+    """How many experts train side by side; the rest queue.
+
+    With ``train.max_concurrent_experts`` set, that number is trusted: an autoscaling cluster may
+    have no GPU node up yet. Otherwise the cluster's current resources decide, and a cluster on
+    which not even one expert fits fails fast (Ray Train, or its data pipeline, would wait forever).
+    """
     import ray
 
     t = config.train
+    if t.max_concurrent_experts:
+        return t.max_concurrent_experts
     total = ray.cluster_resources()
     need = expert_resources(t)
+    hint = "; on an autoscaling cluster set train.max_concurrent_experts"
     if need["CPU"] > total.get("CPU", 0):
         raise RuntimeError(f"train: one expert needs {need['CPU']} CPUs (num_workers × cpus_per_worker for "
                            f"its workers, and at least one whole CPU for its data pipeline) but the cluster "
-                           f"has {total.get('CPU', 0)}")
+                           f"has {total.get('CPU', 0)}{hint}")
     if t.use_gpu and t.num_workers > total.get("GPU", 0):
         raise RuntimeError(f"train: one expert needs {t.num_workers} GPUs but the cluster has "
-                           f"{total.get('GPU', 0)}; set train.use_gpu=false to train on CPUs")
-    if t.max_concurrent_experts:
-        return t.max_concurrent_experts
+                           f"{total.get('GPU', 0)}; set train.use_gpu=false to train on CPUs{hint}")
+    short = {name: amount for name, amount in need.items() if name not in ("CPU", "GPU") and amount > total.get(name, 0)}
+    if short:
+        raise RuntimeError(f"train: one expert needs the custom resources {short} (train.resources_per_worker × "
+                           f"num_workers) but the cluster has {({n: total.get(n, 0) for n in short})}{hint}")
     return max(1, min(int(total.get(kind, 0) // amount) for kind, amount in need.items() if amount > 0))
 
 
