@@ -98,6 +98,10 @@ class RunDir:
         target = self.path(relative)
         parent = target.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
+        if not self.is_local:  # an object store's PUT is atomic already; a "move" would copy it
+            with self.fs.open_output_stream(target) as stream:
+                stream.write(data)
+            return
         temporary = f"{parent}/.tmp-{uuid.uuid4().hex}"
         with self.fs.open_output_stream(temporary) as stream:
             stream.write(data)
@@ -128,7 +132,18 @@ class RunDir:
 
     # directories ---------------------------------------------------------------------------
     def put_dir(self, local_dir: str | Path, relative: str) -> None:
-        """Copy a local directory into the run, replacing ``relative`` as a whole at the end."""
+        """Copy a local directory into the run, replacing ``relative`` as a whole at the end.
+
+        Object stores cannot rename a directory: there the old copy is deleted and the files are
+        written in place (each object appears whole); the stage's commit in run.json is what says
+        the directory is complete.
+        """
+        if not self.is_local:
+            if self.exists(relative):
+                self.fs.delete_dir(self.path(relative))
+            pafs.copy_files(str(local_dir), self.path(relative), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+            return
         parent = relative.rsplit("/", 1)[0] if "/" in relative else ""
         staging = f"{parent}/.tmp-{uuid.uuid4().hex}".lstrip("/")
         self.makedirs(staging)
@@ -227,3 +242,56 @@ def _hidden(name: str) -> bool:
 
 def new_part_name(prefix: str = "part") -> str:
     return f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def build_once(target: Path, build) -> Path:
+    """``target``, made by ``build(folder)`` unless it exists. Safe when several processes race:
+    each builds into its own temporary folder next to the target and renames it into place; losers
+    discard theirs."""
+    import os
+    import shutil
+    import tempfile
+
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        build(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def local_folder(uri: str) -> str:
+    """A local path holding the folder at ``uri`` (a local path is returned as it is).
+
+    A remote folder (e.g. ``s3://bucket/run/merged``) is copied once into ``$SELMA_CACHE/remote/``,
+    under a name that changes when any of its files does, so every process on a node (Serve
+    replicas, eval actors) loads LoRA adapters from local disk.
+    """
+    import hashlib
+
+    if "://" not in uri:
+        return uri
+    from selma.models.tiny import cache_dir
+
+    filesystem, root = pafs.FileSystem.from_uri(uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    if not listing:
+        raise RunDirError(f"{uri} holds no files")
+    key = hashlib.sha256(json.dumps([uri, listing], default=str).encode()).hexdigest()[:16]
+    target = cache_dir() / "remote" / f"{root.rstrip('/').rsplit('/', 1)[-1]}-{key}"
+
+    def copy(folder: Path) -> None:
+        pafs.copy_files(root, str(folder), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+
+    return str(build_once(target, copy))

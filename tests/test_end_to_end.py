@@ -3,12 +3,8 @@
 import base64
 import io
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -137,44 +133,18 @@ def test_a_changed_config_is_refused_on_a_committed_run(finished_run):
     assert "different config" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_serve_round_trip_returns_a_png(finished_run):
+def test_serve_round_trip_returns_a_png(finished_run, selma_server):
     import httpx
     from PIL import Image
 
     run_dir, _ = finished_run
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "selma", "serve", str(run_dir), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read()[-4000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server did not come up"
-            time.sleep(2)
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"]
-        assert [m["id"] for m in models] == ["merged", "base", *(f"expert-{s}" for s in SKILLS)]
-        for model in ("merged", "expert-whoops"):
-            response = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations",
-                                  json={"prompt": "two red apples on a table", "size": "64x64", "seed": 1,
-                                        "model": model}, timeout=120)
-            assert response.status_code == 200, response.text
-            image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
-            assert image.format == "PNG" and image.size == (64, 64)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    url = selma_server(run_dir)
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+    assert [m["id"] for m in models] == ["merged", "base", *(f"expert-{s}" for s in SKILLS)]
+    for model in ("merged", "expert-whoops"):
+        response = httpx.post(f"{url}/v1/images/generations",
+                              json={"prompt": "two red apples on a table", "size": "64x64", "seed": 1, "model": model},
+                              timeout=120)
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        assert image.format == "PNG" and image.size == (64, 64)

@@ -75,9 +75,8 @@ def _run_lora(run: RunDir, relative: str, spec: str) -> str:
     if not run.exists(*relative.split("/"), "pytorch_lora_weights.safetensors"):
         raise _config_error("models", f"{spec!r}: {run.uri_of(*relative.split('/'))} holds no LoRA; "
                                       "train and merge first (`selma run`)")
-    if not run.is_local:
-        raise _config_error("models", f"{spec!r}: evaluating adapters of a remote run directory needs a local copy")
-    return run.path(*relative.split("/"))
+    # A remote run's adapters stay URIs: each generator actor copies its LoRA locally.
+    return run.path(*relative.split("/")) if run.is_local else run.uri_of(*relative.split("/"))
 
 
 def _exists(path: str | None) -> bool:
@@ -219,7 +218,9 @@ def generation_settings(config):
 
 
 def images_key(config, model: EvalModel, benchmark: str) -> str:
-    lora = _file_digest(str(Path(model.lora) / "pytorch_lora_weights.safetensors")) if model.lora else None
+    from selma.rundir import local_folder
+
+    lora = _file_digest(str(Path(local_folder(model.lora)) / "pytorch_lora_weights.safetensors")) if model.lora else None
     return _key(config.model, lora, generation_settings(config).__dict__, config.eval.seed, benchmark)
 
 

@@ -58,7 +58,9 @@ class GenerateImages:
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.generator = ImageGenerator(model, settings, lora=lora)
+        from selma.rundir import local_folder
+
+        self.generator = ImageGenerator(model, settings, lora=local_folder(lora) if lora else None)
         self.model = model
         self.settings = settings
 

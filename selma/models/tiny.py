@@ -13,8 +13,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 TINY_PREFIX = "tiny:"
@@ -458,20 +456,7 @@ def resolve_model(spec: str) -> str:
     """
     if not is_tiny_spec(spec):
         return spec
-    target = cache_dir() / "models" / tiny_model_name(spec)
-    if target.is_dir():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        _build_tiny(spec, staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    from selma.rundir import build_once
+
+    target = build_once(cache_dir() / "models" / tiny_model_name(spec), lambda folder: _build_tiny(spec, folder))
     return str(target)

@@ -257,9 +257,10 @@ class ImageModel:
     def _ensure_loaded(self, name: str) -> None:
         """Under pipe_lock."""
         from selma.images.generator import load_adapter
+        from selma.rundir import local_folder
 
         if name not in self.loaded:
-            load_adapter(self.generator.pipe, self.adapters[name], name)
+            load_adapter(self.generator.pipe, local_folder(self.adapters[name]), name)
             self.loaded.add(name)
             self.active = None
 

@@ -25,16 +25,15 @@ def load_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = (), v
 
 
 def run_adapters(config, run: RunDir) -> dict[str, str]:
-    """API model name → local LoRA folder: ``merged`` once the merge stage committed, and
-    ``expert-<name>`` for every trained expert."""
-    if not run.is_local:
-        raise RuntimeError("serving from a remote run directory is not supported yet; copy experts/ and merged/ locally")
+    """API model name → LoRA folder (a local path, or a URI the replicas copy locally): ``merged``
+    once the merge stage committed, and ``expert-<name>`` for every trained expert."""
+    where = run.path if run.is_local else run.uri_of
     adapters = {}
     if run.stage("merge").get("status") == "committed":
-        adapters["merged"] = run.path("merged")
+        adapters["merged"] = where("merged")
     for name in config.expert_names:
         if run.exists("experts", name):
-            adapters[f"expert-{name}"] = run.path("experts", name)
+            adapters[f"expert-{name}"] = where("experts", name)
     return adapters
 
 
