@@ -264,8 +264,9 @@ class QuestionLLMConfig(LLMConfig):
 
 
 class VQAConfig(_Section):
-    backend: Literal["transformers", "vqascore", "vllm"] = Field(
-        "transformers", description="transformers: free-form answers; vqascore: P(yes); vllm: vLLM multimodal")
+    backend: Literal["transformers", "vqascore", "vllm", "world"] = Field(
+        "transformers", description="transformers: free-form answers; vqascore: P(yes); vllm: vLLM multimodal; "
+                                    "world: the shapes world's exact evaluator (no model)")
     model: str | None = Field(None, description="a local image-text-to-text checkpoint folder, e.g. InstructBLIP or "
                                                 "Llava (tiny:vlm: a random stand-in)")
     batch_size: int = Field(8, ge=1, description="(image, question) pairs per forward pass")
@@ -282,8 +283,12 @@ class EvalConfig(_Section):
     models: list[str] = Field(
         default_factory=lambda: ["base", "merged"],
         description="base, merged, expert-<name>, experts (every expert), or a LoRA folder path")
-    benchmarks: list[Literal["dsg", "tifa", "prompts"]] = Field(
-        default_factory=lambda: ["dsg"], min_length=1, description="prompts: your own prompt file, questions written by eval.questions")
+    benchmarks: list[Literal["dsg", "tifa", "prompts", "world"]] = Field(
+        default_factory=lambda: ["dsg"], min_length=1,
+        description="prompts: your own prompt file, questions written by eval.questions; world: held-out shapes-world captions")
+    world_kinds: list[Literal["single", "counting", "binding", "spatial", "multi"]] = Field(
+        default_factory=lambda: ["counting", "binding", "spatial"], min_length=1)
+    world_prompts_per_kind: int = Field(100, ge=1, description="held-out captions per kind (the test split)")
     dsg_annotations: str | None = Field(None, description="DSG-1K's dsg-1k-anns.csv (github.com/j-min/DSG)")
     tifa_prompts: str | None = Field(None, description="TIFA v1.0's tifa_v1.0_text_inputs.json (github.com/Yushi-Hu/tifa)")
     tifa_questions: str | None = Field(

@@ -6,7 +6,7 @@ import io
 
 from selma.rundir import RunDir
 
-TITLES = {"dsg": "DSG-1K", "tifa": "TIFA v1.0", "prompts": "prompts (DSG)"}
+TITLES = {"dsg": "DSG-1K", "tifa": "TIFA v1.0", "prompts": "prompts (DSG)", "world": "shapes world"}
 MODEL_ORDER = ("base", "merged")
 
 

@@ -27,10 +27,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from selma.config import ConfigError
-from selma.eval.questions import QUESTION_SCHEMA, is_yes_no, prompts_of, sample_items, score_answers, summarize
+from selma.eval.questions import (QUESTION_SCHEMA, is_yes_no, prompts_of, question_table, sample_items, score_answers,
+                                  summarize)
 from selma.rundir import RunDir, new_part_name
 
-BENCHMARK_TITLES = {"dsg": "DSG-1K", "tifa": "TIFA v1.0", "prompts": "your prompts (DSG questions)"}
+BENCHMARK_TITLES = {"dsg": "DSG-1K", "tifa": "TIFA v1.0", "prompts": "your prompts (DSG questions)",
+                    "world": "shapes world (held-out captions)"}
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def check_eval_config(config, run: RunDir) -> list[EvalModel]:
     if needs_questions and cfg.questions is None:
         raise _config_error("questions", f"benchmark(s) {needs_questions} need an LLM to write DSG questions "
                                          "(eval.questions: {backend, model, ...}), or give eval.tifa_questions")
-    if not _exists(cfg.vqa.model):
+    if cfg.vqa.backend != "world" and not _exists(cfg.vqa.model):
         raise _config_error("vqa.model", f"needs a local VQA checkpoint folder (image-text-to-text, e.g. "
                                          f"InstructBLIP or Llava); got {cfg.vqa.model!r}")
     if cfg.answer_encoder and not _exists(cfg.answer_encoder):
@@ -159,11 +161,22 @@ def load_benchmark(name: str, config, run: RunDir, progress=print) -> pa.Table:
     cfg = config.eval
     if name == "dsg":
         return sample_items(load_dsg1k(cfg.dsg_annotations), cfg.limit, cfg.sample_seed)
+    if name == "world":
+        return question_table(world_question_rows(cfg.world_kinds, cfg.world_prompts_per_kind, cfg.sample_seed))
     if name == "tifa" and cfg.tifa_questions:
         return sample_items(load_tifa_questions(cfg.tifa_questions), cfg.limit, cfg.sample_seed)
     prompts = load_tifa_prompts(cfg.tifa_prompts) if name == "tifa" else load_prompt_file(cfg.prompts_file)
     sampled = {row["item_id"] for row in prompts_of(sample_items(pa.Table.from_pylist(prompts), cfg.limit, cfg.sample_seed))}
     return written_questions(name, [p for p in prompts if p["item_id"] in sampled], config, run, progress)
+
+
+def world_question_rows(kinds: list[str], per_kind: int, seed: int) -> list[dict]:
+    """Questions for held-out shapes-world captions: the test split, which training prompts never come from."""
+    from selma.world import caption_of, question_rows, sample_scenes
+
+    prompts = [{"item_id": f"{kind}_{index}", "prompt": caption_of(scene), "source": kind}
+               for kind in kinds for index, scene in enumerate(sample_scenes(kind, per_kind, seed, split="test"))]
+    return question_rows(prompts)
 
 
 def written_questions(name: str, prompts: list[dict], config, run: RunDir, progress=print) -> pa.Table:
@@ -289,7 +302,8 @@ class AnswerImages:
     """Ray Data callable class: a VQA backend (and reward scorers) per actor; a batch of images in,
     per-image lists of answers, chosen choices and correctness (and rewards) out."""
 
-    def __init__(self, eval_config, questions_by_item: dict[str, list[dict]], num_threads: int | None = None):
+    def __init__(self, eval_config, questions_by_item: dict[str, list[dict]], num_threads: int | None = None,
+                 benchmark: str | None = None):
         import torch
 
         from selma.eval.tifa import AnswerMapper
@@ -307,6 +321,10 @@ class AnswerImages:
             from selma.eval.rewards import load_reward_scorer
 
             self.scorers = {name: load_reward_scorer(name, weights) for name, weights in eval_config.rewards.items()}
+        if benchmark == "world":  # the primary metric: the image is exactly its caption
+            from selma.world import WorldAccuracyScorer
+
+            self.scorers["prompt_accuracy"] = WorldAccuracyScorer()
         self.mapper = AnswerMapper(eval_config.answer_encoder)
         self.questions_by_item = questions_by_item
 
@@ -391,7 +409,7 @@ def answer_questions(config, run: RunDir, model: EvalModel, benchmark: str, ques
         _read_image_files, fn_kwargs={"run_uri": run.uri}, batch_size=1, batch_format="pyarrow", num_cpus=0)
     threads = max(1, int(cfg.vqa.cpus_per_actor)) if not cfg.vqa.gpus_per_actor else None
     answered = dataset.map_batches(
-        AnswerImages, fn_constructor_args=(cfg, by_item, threads), batch_size=4, batch_format="pyarrow",
+        AnswerImages, fn_constructor_args=(cfg, by_item, threads, benchmark), batch_size=4, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.vqa.num_actors), num_cpus=cfg.vqa.cpus_per_actor,
         num_gpus=cfg.vqa.gpus_per_actor or None)
     started = time.time()

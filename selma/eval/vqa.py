@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-VQA_BACKENDS = ("transformers", "vqascore", "vllm")
+VQA_BACKENDS = ("transformers", "vqascore", "vllm", "world")
 YES_NO_SUFFIX = " Please answer yes or no."
 YES_SPELLINGS = ("Yes", "yes", " Yes", " yes")
 BLIP_PROMPT = "Question: {question} Answer:"
@@ -358,6 +358,10 @@ def load_vqa_backend(kind: str, model: str, *, device: str | None = None, dtype:
     """
     if kind not in VQA_BACKENDS:
         raise ValueError(f"unknown VQA backend {kind!r}; expected one of {', '.join(VQA_BACKENDS)}")
+    if kind == "world":  # the shapes world's exact evaluator: no model
+        from selma.world import WorldVQA
+
+        return WorldVQA()
     if kind == "vllm":
         return VLLMVQA(model, dtype=dtype, max_new_tokens=max_new_tokens, prompt_template=prompt_template,
                        engine_kwargs=engine_kwargs)

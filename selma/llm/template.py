@@ -4,6 +4,11 @@ It is for demos, tests and machines without an LLM: it answers each request the 
 continues a numbered list (``5. ...\\n6. ...``), filling the skill's ``patterns`` with random
 everyday vocabulary. Its prompts are grammatical but formulaic; use a real LLM backend for data
 you intend to train on.
+
+A skill may bring its own ``vocabulary`` (``{slot: [words]}``): its slots are filled from it
+before the global :data:`VOCABULARY` (``{slot}``, ``{slots}`` for the plural, ``{a_slot}`` with an
+article, ``{slot2}`` for another word of the same slot), and within one prompt its words are drawn
+without repetition, so ``{color}`` and ``{color2}`` differ while the slot has words left.
 """
 
 from __future__ import annotations
@@ -92,27 +97,44 @@ class TemplateBackend(LLMBackend):
         rng = random.Random(request.seed)
         patterns = skill.patterns or ["{a_object} {position} {a_object2} {place}."]
         max_count = skill.max_count or len(NUMBER_WORDS)
+        vocabulary = skill.vocabulary or {}
         lines = []
         for offset in range(request.num_candidates):
-            text = self._fill(rng.choice(patterns), rng, max_count)
+            text = self._fill(rng.choice(patterns), rng, max_count, vocabulary)
             # An LLM continues the list after the last number in the request; so does this.
             lines.append(text if offset == 0 else f"{request.first_index + offset}. {text}")
         return " " + "\n".join(lines)
 
-    def _fill(self, pattern: str, rng: random.Random, max_count: int) -> str:
+    def _fill(self, pattern: str, rng: random.Random, max_count: int, vocabulary: dict | None = None) -> str:
+        used: dict[str, set[str]] = {}  # the skill vocabulary's words already in this prompt, per slot
+
         def replace(match: re.Match) -> str:
-            return self._word(match.group(1), rng, max_count)
+            return self._word(match.group(1), rng, max_count, vocabulary or {}, used)
 
         text = SLOT.sub(replace, pattern)
         return text[0].upper() + text[1:]
 
-    def _word(self, slot: str, rng: random.Random, max_count: int) -> str:
+    @staticmethod
+    def _skill_word(slot: str, rng: random.Random, vocabulary: dict, used: dict[str, set[str]]) -> str:
+        fresh = [w for w in vocabulary[slot] if w not in used.setdefault(slot, set())] or list(vocabulary[slot])
+        word = rng.choice(fresh)
+        used[slot].add(word)
+        return word
+
+    def _word(self, slot: str, rng: random.Random, max_count: int, vocabulary: dict | None = None,
+              used: dict[str, set[str]] | None = None) -> str:
         capital = slot[0].isupper()
         slot = slot.lower()
-        if slot in ("count", "count2"):
+        vocabulary = vocabulary or {}
+        used = {} if used is None else used
+        if slot in vocabulary:
+            word = self._skill_word(slot, rng, vocabulary, used)
+        elif slot.endswith("s") and slot[:-1] in vocabulary:
+            word = _plural(self._skill_word(slot[:-1], rng, vocabulary, used))
+        elif slot in ("count", "count2"):
             word = rng.choice(NUMBER_WORDS[1:max_count] or NUMBER_WORDS[:1])
         elif slot.startswith("a_"):
-            word = _with_article(self._word(slot[2:], rng, max_count))
+            word = _with_article(self._word(slot[2:], rng, max_count, vocabulary, used))
         elif slot in VOCABULARY:
             word = rng.choice(VOCABULARY[slot])
             if rng.random() < 0.35 and slot in ("object", "animal", "food"):

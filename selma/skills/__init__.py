@@ -1,11 +1,14 @@
 """Skill registry: the five built-in SELMA skills plus user skills from YAML.
 
 A skill is a style of image description: a name, the extra rule the LLM instruction adds, seed
-prompts that start the in-context pool, and (for the offline template backend) phrase patterns.
+prompts that start the in-context pool, and (for the offline template backend) phrase patterns,
+optionally with the skill's own ``vocabulary`` for their slots (used before the backend's global
+vocabulary; see :mod:`selma.llm.template`).
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +25,7 @@ DEFAULT_INSTRUCTION = (
     "{examples}"
 )
 REQUIRED_PLACEHOLDERS = ("{examples}", "{num_candidates}")
+VOCABULARY_SLOT = re.compile(r"^[a-z_]+$")
 
 
 class SkillError(ValueError):
@@ -40,6 +44,18 @@ class Skill(BaseModel):
     max_count: int | None = Field(None, ge=1)
     instruction: str = DEFAULT_INSTRUCTION
     patterns: list[str] = Field(default_factory=list, description="phrase patterns for the template backend")
+    vocabulary: dict[str, list[str]] = Field(
+        default_factory=dict, description="the template backend's words for pattern slots, before its global vocabulary")
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _slot_words(cls, vocabulary: dict[str, list[str]]) -> dict[str, list[str]]:
+        for slot, words in vocabulary.items():
+            if not VOCABULARY_SLOT.match(slot):
+                raise ValueError(f"slot name {slot!r}: lowercase letters and underscores only")
+            if not words or any(not str(word).strip() for word in words):
+                raise ValueError(f"slot {slot!r} needs a non-empty list of non-empty words")
+        return vocabulary
 
     @field_validator("instruction")
     @classmethod

@@ -1,0 +1,357 @@
+"""The shapes world: scenes, renders, the caption grammar, the world skills and the exact evaluator."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from selma.eval.questions import QUESTION_SCHEMA, question_table, score_answers
+from selma.llm.base import LLMRequest
+from selma.llm.template import TemplateBackend
+from selma.prompts.parse import parse_completion
+from selma.skills import Skill, SkillError, load_registry, load_skill_file
+from selma.world import (COLORS, KINDS, SKILL_FILES, SKILL_KINDS, Detection, Entity, Relation, Scene, SceneGraph,
+                         WorldAccuracyScorer, WorldCaptionError, WorldEvaluator, WorldObject, WorldQuestionError,
+                         WorldVQA, caption_of, format_caption, parse_caption, question_rows, questions, render,
+                         render_image, sample_scene, sample_scenes, split_of)
+from selma.world.scene import BACKGROUND, CANVAS, GAP, MAX_OBJECTS, relation_holds
+
+VARIANTS = {
+    "plain": {},
+    "soft_edges": {"supersample": 4},
+    "rounded": {"supersample": 4, "corner_radius": 0.4},
+    "rounded_blur_noise": {"supersample": 4, "corner_radius": 0.4, "blur": 0.8, "noise": 6.0},
+}
+EVALUATOR = WorldEvaluator()
+
+
+def _truth(scene: Scene) -> list[Detection]:
+    """What an ideal detector would report: the scene's own objects."""
+    return [Detection(o.color, o.shape, 0, o.centroid, (0, 0, 0, 0), 1.0) for o in scene.objects]
+
+
+# --------------------------------------------------------------------------- scenes and renders
+
+
+def test_the_same_seed_gives_the_same_scene_and_pixels_and_other_seeds_differ():
+    for kind in KINDS:
+        first, again = sample_scene(kind, 11), sample_scene(kind, 11)
+        assert first == again
+        for options in VARIANTS.values():
+            assert np.array_equal(render(first, **options), render(again, **options))
+        others = [sample_scene(kind, seed) for seed in range(20)]
+        assert len({s.objects for s in others}) == 20
+        assert not np.array_equal(render(others[0]), render(others[1]))
+    assert [caption_of(s) for s in sample_scenes("spatial", 30, seed=3)] == \
+        [caption_of(s) for s in sample_scenes("spatial", 30, seed=3)]
+    assert [caption_of(s) for s in sample_scenes("spatial", 30, seed=3)] != \
+        [caption_of(s) for s in sample_scenes("spatial", 30, seed=4)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_renders_show_what_the_scene_says(kind):
+    scenes = sample_scenes(kind, 60, seed=1)
+    assert {s.graph.kind for s in scenes} == {kind}
+    if kind == "counting":
+        assert {s.graph.entities[0].count for s in scenes} == {1, 2, 3, 4}
+    for scene in scenes:
+        objects = scene.objects
+        assert 1 <= len(objects) <= MAX_OBJECTS and len(objects) == scene.graph.num_objects
+        # Counts, colours and shapes per entity are the objects'.
+        assert Counter((o.color, o.shape) for o in objects) == {e.key: e.count for e in scene.graph.entities}
+        for o in objects:
+            x0, y0, x1, y1 = o.bbox
+            assert 0 <= x0 and 0 <= y0 and x1 <= CANVAS and y1 <= CANVAS
+        for i, a in enumerate(objects):
+            for b in objects[i + 1:]:
+                ax0, ay0, ax1, ay1 = a.bbox
+                bx0, by0, bx1, by1 = b.bbox
+                assert ax1 + GAP <= bx0 or bx1 + GAP <= ax0 or ay1 + GAP <= by0 or by1 + GAP <= ay0
+        for relation in scene.graph.relations:
+            subject, obj = objects[relation.subject], objects[relation.object]
+            assert relation_holds(subject.centroid, obj.centroid, relation.relation)
+        pixels = render(scene)
+        labels, count = ndimage.label((pixels != BACKGROUND).any(axis=-1), structure=np.ones((3, 3)))
+        assert count == len(objects)
+        for number in range(1, count + 1):
+            colors = {tuple(c) for c in pixels[labels == number]}
+            assert len(colors) == 1
+            ys, xs = np.nonzero(labels == number)
+            # The component's colour is that of the object whose box holds its centre.
+            owner = [o for o in objects if o.bbox[0] <= xs.mean() + 0.5 <= o.bbox[2] and o.bbox[1] <= ys.mean() + 0.5 <= o.bbox[3]]
+            assert len(owner) == 1 and colors.pop() == COLORS[owner[0].color]
+
+
+def test_a_rendered_triangle_points_up_and_its_centroid_is_the_scenes():
+    obj = WorldObject("triangle", "red", 32.0, 32.0, 40.0)
+    pixels = render(Scene((obj,), SceneGraph((Entity(1, "red", "triangle"),))), supersample=4)
+    mask = (pixels != BACKGROUND).any(axis=-1)
+    coverage = (255.0 - pixels[..., 1]) / (255 - COLORS["red"][1])
+    ys, xs = np.mgrid[0:64, 0:64] + 0.5
+    centroid = ((coverage * xs).sum() / coverage.sum(), (coverage * ys).sum() / coverage.sum())
+    assert abs(centroid[0] - obj.centroid[0]) < 0.1 and abs(centroid[1] - obj.centroid[1]) < 0.1
+    assert mask[14].sum() < 6 and mask[49].sum() > 35  # narrow at the top, wide at the base
+
+
+# --------------------------------------------------------------------------- captions
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_captions_round_trip_through_the_parser(kind):
+    captions = set()
+    for scene in sample_scenes(kind, 500, seed=2):
+        caption = caption_of(scene)
+        graph = parse_caption(caption)
+        assert graph == scene.graph and graph.kind == kind
+        assert format_caption(graph) == caption
+        assert parse_caption(caption[0].upper() + caption[1:] + ".") == graph
+        captions.add(caption)
+    assert len(captions) >= {"single": 12, "counting": 40, "binding": 60, "spatial": 250, "multi": 300}[kind]
+
+
+@pytest.mark.parametrize("caption, graph", [
+    ("three red circles", SceneGraph((Entity(3, "red", "circle"),))),
+    ("One green square.", SceneGraph((Entity(1, "green", "square", say_one=True),))),
+    ("a red square and a blue circle", SceneGraph((Entity(1, "red", "square"), Entity(1, "blue", "circle")))),
+    ("A green triangle to the left of a yellow square",
+     SceneGraph((Entity(1, "green", "triangle"), Entity(1, "yellow", "square")), (Relation(0, "to the left of", 1),))),
+    ("two red circles, a green square, and a blue triangle",
+     SceneGraph((Entity(2, "red", "circle"), Entity(1, "green", "square"), Entity(1, "blue", "triangle")))),
+])
+def test_the_parser_reads_the_grammar(caption, graph):
+    assert parse_caption(caption) == graph
+
+
+@pytest.mark.parametrize("caption, message", [
+    ("", "empty"),
+    ("three red", "is not '<number> <colour> <shape>'"),
+    ("three purple circles", "is not '<number> <colour> <shape>'"),
+    ("five red circles", "is not '<number> <colour> <shape>'"),
+    ("three red circle", "must be plural"),
+    ("a red circles", "must be singular"),
+    ("an red circle", "is not '<number> <colour> <shape>'"),
+    ("a red circle and a red circle", "same colour and shape twice"),
+    ("three red circles and two blue squares", "5 objects"),
+    ("a red circle near a blue square", "is not '<number> <colour> <shape>'"),
+    ("two red circles to the left of a blue square", "two single objects"),
+    ("one red circle above a blue square", "two single objects"),
+    ("a red circle, a blue square", "listed as 'A, B and C'"),
+    ("a red circle and a blue square and a green triangle", "listed as 'A, B and C'"),
+    ("a red circle, and a blue square", "listed as 'A and B'"),
+    ("three red circles on a table", "is not '<number> <colour> <shape>'"),
+])
+def test_the_parser_refuses_what_is_not_in_the_grammar(caption, message):
+    with pytest.raises(WorldCaptionError, match=message):
+        parse_caption(caption)
+
+
+def test_the_train_test_split_is_by_concept_and_deterministic():
+    left = "a red circle to the left of a blue square"
+    assert split_of(left) == split_of("A blue square to the right of a red circle.")
+    assert split_of("a red square and a blue circle") == split_of("a blue circle and a red square")
+    assert split_of("one red circle") == split_of("a red circle")
+    for kind in ("counting", "spatial", "multi"):
+        test = {caption_of(s) for s in sample_scenes(kind, 60, seed=0, split="test")}
+        train = {caption_of(s) for s in sample_scenes(kind, 200, seed=0, split="train")}
+        assert test and not test & train
+        assert all(split_of(c) == "test" for c in test)
+    every = {caption_of(s) for s in sample_scenes("spatial", 1500, seed=9)}
+    assert 0.1 < sum(split_of(c) == "test" for c in every) / len(every) < 0.3
+    assert any(split_of(c, salt="other") != split_of(c) for c in every)
+
+
+# --------------------------------------------------------------------------- skills
+
+
+def test_the_world_skills_load_and_the_template_backend_writes_world_captions():
+    registry = load_registry(SKILL_FILES)
+    assert set(SKILL_KINDS) <= set(registry) and "coco" in registry
+    backend = TemplateBackend(registry)
+    for name, kinds in SKILL_KINDS.items():
+        skill = registry[name]
+        assert len(skill.seeds) >= 10 and len(set(skill.seeds)) == len(skill.seeds)
+        for seed in skill.seeds:
+            assert parse_caption(seed).kind in kinds and split_of(seed) == "train"
+        requests = [LLMRequest(name, skill.render_instruction(skill.seed_prompts(3), 20), seed, 20, 4) for seed in range(15)]
+        seen_kinds, captions = set(), set()
+        for completion in backend.generate(requests):
+            candidates, unparseable = parse_completion(completion)
+            assert unparseable == 0 and len(candidates) >= 5
+            for text in candidates:
+                graph = parse_caption(text)
+                assert graph.kind in kinds and len(text.split()) < skill.max_words
+                if skill.max_count:
+                    assert all(e.count <= max(skill.max_count, 1) for e in graph.entities)
+                seen_kinds.add(graph.kind)
+                captions.add(text)
+        assert seen_kinds == set(kinds)
+        assert len(captions) >= {"world_objects": 60, "world_counting": 35, "world_binding": 50, "world_spatial": 150}[name]
+
+
+def test_a_skill_vocabulary_comes_before_the_global_one_and_draws_distinct_words(tmp_path):
+    skill = Skill(name="mine", description="d", seeds=["x y z"], patterns=["{a_color} {shape} and {a_color2} {shapes2}"],
+                  vocabulary={"color": ["mauve", "teal"], "shape": ["blob", "box"]})
+    backend = TemplateBackend({"mine": skill})
+    texts = [t for seed in range(10) for t in parse_completion(backend.generate([LLMRequest("mine", "", seed, 10, 4)])[0])[0]]
+    assert texts and all(t in ("A mauve blob and a teal boxes", "A mauve box and a teal blobs",
+                               "A teal blob and a mauve boxes", "A teal box and a mauve blobs") for t in texts)
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\ndescription: d\nseeds: [a b c]\nvocabulary: {Color: [red]}\n")
+    with pytest.raises(SkillError, match="lowercase letters"):
+        load_skill_file(path)
+    path.write_text("name: bad\ndescription: d\nseeds: [a b c]\nvocabulary: {color: []}\n")
+    with pytest.raises(SkillError, match="non-empty list"):
+        load_skill_file(path)
+
+
+# --------------------------------------------------------------------------- evaluator
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_evaluator_scores_ground_truth_renders_perfectly(variant):
+    for kind in KINDS:
+        for scene in sample_scenes(kind, 200, seed=5):
+            caption = caption_of(scene)
+            result = EVALUATOR.evaluate(render(scene, **VARIANTS[variant]), caption)
+            assert result["prompt_accuracy"], (variant, caption, result["detections"])
+            assert result["dsg_score"] == 1.0
+            assert all(q["vqa_answer"] == "yes" for q in result["questions"])
+            assert all(d.iou >= 0.75 for d in result["detections"])
+
+
+def test_larger_images_are_read_at_the_worlds_size():
+    for scene in sample_scenes("multi", 20, seed=6):
+        assert EVALUATOR.prompt_accuracy(render_image(scene, size=256, supersample=2), caption_of(scene))
+
+
+@pytest.mark.parametrize("kind, ceiling", [("single", 0.15), ("counting", 0.05), ("binding", 0.05),
+                                           ("spatial", 0.05), ("multi", 0.05)])
+def test_mismatched_pairs_score_what_the_scenes_really_share(kind, ceiling):
+    """Each caption against another scene's render: the evaluator says yes exactly when that scene
+    satisfies the caption, which is rare (near chance)."""
+    captions = [caption_of(s) for s in sample_scenes(kind, 300, seed=7)]
+    others = sample_scenes(kind, 300, seed=8)
+    verdicts = [EVALUATOR.prompt_accuracy(render(s, supersample=4), c) for c, s in zip(captions, others)]
+    truths = [EVALUATOR.prompt_accuracy(_truth(s), c) for c, s in zip(captions, others)]
+    assert verdicts == truths
+    assert sum(verdicts) / len(verdicts) <= ceiling
+    dsg = [EVALUATOR.dsg_score(render(s), c) for c, s in zip(captions[:100], others[:100])]
+    assert np.mean(dsg) < 0.8
+
+
+def test_swapped_attributes_and_relations_are_caught():
+    scene = Scene((WorldObject("square", "red", 16, 32, 16), WorldObject("circle", "blue", 48, 32, 16)),
+                  SceneGraph((Entity(1, "red", "square"), Entity(1, "blue", "circle")), (Relation(0, "to the left of", 1),)))
+    image = render(scene, supersample=4)
+    assert EVALUATOR.prompt_accuracy(image, "a red square to the left of a blue circle")
+    assert EVALUATOR.prompt_accuracy(image, "a blue circle to the right of a red square")
+    assert EVALUATOR.prompt_accuracy(image, "a red square and a blue circle")
+    assert EVALUATOR.dsg_score(image, "a red square") == 1.0  # DSG does not ask about extra objects
+    for wrong in ("a blue square and a red circle", "a red square to the right of a blue circle",
+                  "a red square above a blue circle", "a red square", "two red squares and a blue circle",
+                  "a red square, a blue circle and a green triangle", "a red circle and a blue square"):
+        assert not EVALUATOR.prompt_accuracy(image, wrong), wrong
+    assert WorldEvaluator(allow_extra=True).prompt_accuracy(image, "a red square")
+
+
+def test_objects_of_no_palette_colour_or_shape_are_extra_objects():
+    pixels = render(Scene((WorldObject("circle", "red", 16, 16, 16),), SceneGraph((Entity(1, "red", "circle"),))))
+    blob = pixels.copy()
+    blob[40:52, 30:42] = (30, 30, 30)  # black
+    detections = EVALUATOR.detect(blob)
+    assert Counter((d.color, d.shape) for d in detections) == {(None, "square"): 1, ("red", "circle"): 1}
+    assert not EVALUATOR.prompt_accuracy(blob, "a red circle")
+    bar = pixels.copy()
+    bar[40:44, 10:50] = COLORS["green"]  # a 4×40 bar: green, no shape
+    assert [(d.color, d.shape) for d in EVALUATOR.detect(bar) if d.color == "green"] == [("green", None)]
+    assert not EVALUATOR.prompt_accuracy(bar, "a red circle")
+    speck = pixels.copy()
+    speck[50:53, 50:53] = COLORS["blue"]  # 9 pixels: noise
+    assert EVALUATOR.prompt_accuracy(speck, "a red circle")
+
+
+def test_dsg_questions_have_dependencies_on_earlier_entity_questions():
+    def brief(rows):
+        return [(r["question_id"], r["question"], r["parents"], r["category_broad"], r["category_detailed"]) for r in rows]
+
+    assert brief(questions("three red circles")) == [
+        (1, "Are there circles?", [], "entity", "whole"),
+        (2, "Are the circles red?", [1], "attribute", "color"),
+        (3, "Are there exactly three red circles?", [1, 2], "other", "count"),
+    ]
+    assert brief(questions("one green square")) == [
+        (1, "Is there a square?", [], "entity", "whole"),
+        (2, "Is the square green?", [1], "attribute", "color"),
+        (3, "Is there exactly one green square?", [1, 2], "other", "count"),
+    ]
+    assert brief(questions("a green triangle to the left of a yellow square")) == [
+        (1, "Is there a triangle?", [], "entity", "whole"),
+        (2, "Is the triangle green?", [1], "attribute", "color"),
+        (3, "Is there a square?", [], "entity", "whole"),
+        (4, "Is the square yellow?", [3], "attribute", "color"),
+        (5, "Is the green triangle to the left of the yellow square?", [1, 3], "relation", "spatial"),
+    ]
+    assert brief(questions("a red circle and two blue circles")) == [
+        (1, "Are there circles?", [], "entity", "whole"),
+        (2, "Is the circle red?", [1], "attribute", "color"),
+        (3, "Are the circles blue?", [1], "attribute", "color"),
+        (4, "Are there exactly two blue circles?", [1, 3], "other", "count"),
+    ]
+    for kind in KINDS:
+        for scene in sample_scenes(kind, 50, seed=4):
+            rows = questions(caption_of(scene))
+            assert [r["question_id"] for r in rows] == list(range(1, len(rows) + 1))
+            by_id = {r["question_id"]: r for r in rows}
+            for row in rows:
+                assert all(p < row["question_id"] for p in row["parents"])
+                if row["category_detailed"] in ("color", "spatial"):
+                    assert {by_id[p]["category_detailed"] for p in row["parents"]} == {"whole"}
+                assert row["choices"] == ["yes", "no"] and row["answer"] == "yes"
+    table = question_table([{"item_id": "w1", "prompt": "three red circles", "source": "world", **r}
+                            for r in questions("three red circles")])
+    assert table.schema == QUESTION_SCHEMA and table.num_rows == 3
+
+
+def test_a_wrong_colour_is_a_no_that_zeroes_its_dependents():
+    caption = "two red circles and a green square"
+    scene = Scene((WorldObject("circle", "blue", 14, 14, 16), WorldObject("circle", "blue", 44, 14, 16),
+                   WorldObject("square", "green", 30, 46, 16)),
+                  SceneGraph((Entity(2, "blue", "circle"), Entity(1, "green", "square"))))
+    rows = questions(caption)
+    answers = EVALUATOR.answer(render(scene, supersample=4), caption, rows)
+    assert [r["question"] for r in rows] == ["Are there circles?", "Are the circles red?", "Are there exactly two red circles?",
+                                             "Is there a square?", "Is the square green?"]
+    assert answers == ["yes", "no", "no", "yes", "yes"]
+    assert not EVALUATOR.prompt_accuracy(render(scene), caption)
+    assert EVALUATOR.dsg_score(render(scene), caption) == pytest.approx(3 / 5)
+
+    # A VQA model that still says "two red circles: yes" scores 0 on it: its colour parent failed.
+    claimed = ["yes", "no", "yes", "yes", "yes"]
+    scored = score_answers([{**r, "image_id": "i", "correct": float(a == "yes")} for r, a in zip(rows, claimed)])
+    assert [r["score"] for r in scored] == [1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_the_answerer_refuses_questions_from_elsewhere():
+    with pytest.raises(WorldQuestionError):
+        EVALUATOR.answer(render(sample_scene("single", 0)), None, ["Is the dog sleeping?"])
+    with pytest.raises(WorldCaptionError):
+        questions("two dogs on a sofa")
+
+
+def test_the_vqa_backend_and_the_scorer_for_selma_eval():
+    scenes = sample_scenes("spatial", 4, seed=12)
+    prompts = [{"item_id": f"w{i}", "prompt": caption_of(s), "source": "world"} for i, s in enumerate(scenes)]
+    rows = question_rows(prompts)
+    assert question_table(rows).num_rows == len(rows) == sum(len(questions(p["prompt"])) for p in prompts)
+    images = {p["item_id"]: render_image(s, supersample=4) for p, s in zip(prompts, scenes)}
+    vqa = WorldVQA()
+    pairs = [(images[r["item_id"]], r["question"]) for r in rows]
+    assert vqa.answer([i for i, _ in pairs], [q for _, q in pairs]) == ["yes"] * len(rows)
+    wrong = images["w0"]
+    answers = vqa.answer([wrong] * len(rows), [r["question"] for r in rows])
+    assert answers == [EVALUATOR.answer(wrong, None, [r])[0] for r in rows] and "no" in answers
+    assert vqa.yes_probability([wrong] * 2, [rows[0]["question"], "Is there a triangle?"])[0] == 1.0
+    scorer = WorldAccuracyScorer()
+    assert scorer.score(list(images.values()), [p["prompt"] for p in prompts]) == [1.0] * 4
+    assert scorer.score([images["w1"]], [prompts[0]["prompt"]]) == [float(EVALUATOR.prompt_accuracy(_truth(scenes[1]), prompts[0]["prompt"]))]
