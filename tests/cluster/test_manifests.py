@@ -25,13 +25,14 @@ import jsonschema
 import pytest
 import yaml
 
+from shared_data import CRD_DIR
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_DIR = Path(__file__).parents[3] / "shared" / "data" / "kuberay-crds"
 K8S = REPO / "k8s"
 TARGETS = ["base"] + sorted(f"overlays/{p.parent.name}" for p in K8S.glob("overlays/*/kustomization.yaml"))
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")

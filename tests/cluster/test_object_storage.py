@@ -7,12 +7,12 @@ import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from shared_data import BENCHMARKS, needs_benchmarks
 
-pytestmark = pytest.mark.slow
-DSG = Path(__file__).parents[3] / "shared" / "data" / "benchmarks" / "dsg-1k-anns.csv"
+pytestmark = [pytest.mark.slow, needs_benchmarks]
+DSG = BENCHMARKS / "dsg-1k-anns.csv"
 RUN = "s3://selma/run"
 
 

@@ -1,14 +1,14 @@
 """``selma eval`` refuses what it cannot do before any Ray work, naming the field."""
 
-from pathlib import Path
-
 import pytest
 
 from selma.config import ConfigError, load_config
 from selma.eval.run import check_eval_config
 from selma.rundir import RunDir
+from shared_data import BENCHMARKS, needs_benchmarks
 
-BENCHMARKS = Path(__file__).parents[3] / "shared" / "data" / "benchmarks"
+pytestmark = needs_benchmarks
+
 DSG = f"eval.dsg_annotations={BENCHMARKS / 'dsg-1k-anns.csv'}"
 
 

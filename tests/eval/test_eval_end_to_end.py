@@ -14,9 +14,9 @@ from selma.rundir import RunDir
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
 from lora_helpers import write_random_lora  # noqa: E402
+from shared_data import BENCHMARKS, needs_benchmarks  # noqa: E402
 
-pytestmark = pytest.mark.slow
-BENCHMARKS = Path(__file__).parents[3] / "shared" / "data" / "benchmarks"
+pytestmark = [pytest.mark.slow, needs_benchmarks]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,11 @@ from selma.rundir import RunDir
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "prompts"))
 from openai_server import FakeOpenAI  # noqa: E402
+from shared_data import BENCHMARKS, needs_benchmarks  # noqa: E402
 
-DSG_CSV = Path(__file__).parents[3] / "shared" / "data" / "benchmarks" / "dsg-1k-anns.csv"
+pytestmark = needs_benchmarks
+
+DSG_CSV = BENCHMARKS / "dsg-1k-anns.csv"
 ITEMS = ["whoops_5", "countbench_10", "tifa160_7", "localized_narratives_72", "vrd_3", "midjourney_20"]
 
 

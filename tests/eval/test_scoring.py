@@ -1,14 +1,12 @@
 """DSG and TIFA: loading, DSG's dependency rule and the aggregators, against hand-computed cases."""
 
-from pathlib import Path
-
 import pytest
 
 from selma.eval.dsg import DSGParseError, assemble_questions, dsg_request, load_dsg1k, parse_numbered, parse_parent_ids
 from selma.eval.questions import match_choice, sample_items, score_answers, summarize
 from selma.eval.tifa import AnswerMapper, load_tifa_prompts, load_tifa_questions
+from shared_data import BENCHMARKS, needs_benchmarks
 
-BENCHMARKS = Path(__file__).parents[3] / "shared" / "data" / "benchmarks"
 DSG_CSV = BENCHMARKS / "dsg-1k-anns.csv"
 TIFA_PROMPTS = BENCHMARKS / "tifa_v1.0_text_inputs.json"
 
@@ -76,6 +74,7 @@ def test_per_category_and_per_source_groups():
     assert summary["per_source"]["whoops"]["item_mean_no_dependencies"] == pytest.approx(0.5)
 
 
+@needs_benchmarks
 def test_dsg1k_loads_with_its_dependency_graph():
     table = load_dsg1k(DSG_CSV)
     rows = table.to_pylist()
@@ -88,6 +87,7 @@ def test_dsg1k_loads_with_its_dependency_graph():
     assert all(r["choices"] == ["yes", "no"] and r["answer"] == "yes" for r in rows)
 
 
+@needs_benchmarks
 def test_limit_samples_whole_items_reproducibly():
     table = load_dsg1k(DSG_CSV)
     first, again, other = (sample_items(table, 20, seed) for seed in (0, 0, 1))
@@ -105,6 +105,7 @@ def test_parent_ids():
         parse_parent_ids("5, right")
 
 
+@needs_benchmarks
 def test_tifa_prompts_and_a_question_file_in_the_release_format(tmp_path):
     prompts = load_tifa_prompts(TIFA_PROMPTS)
     assert len(prompts) == 4081 and prompts[0] == {"item_id": "coco_301091", "source": "coco",
