@@ -363,7 +363,8 @@ class AnswerImages:
             found = self.backend.yes_probability([images[k] for k in yes_no], [questions[k]["question"] for k in yes_no])
             for k, p in zip(yes_no, found):
                 probabilities[k], answers[k] = float(p), "yes" if p >= 0.5 else "no"
-        choice_pairs = [(k, c) for k, q in enumerate(questions) if k not in set(yes_no) for c in q["choices"]]
+        answered = set(yes_no)
+        choice_pairs = [(k, c) for k, q in enumerate(questions) if k not in answered for c in q["choices"]]
         if choice_pairs:
             found = self.backend.yes_probability(
                 [images[k] for k, _ in choice_pairs],
