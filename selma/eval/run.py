@@ -252,15 +252,16 @@ def planned_eval_images(questions: pa.Table, benchmark: str, images_per_prompt: 
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def draw_eval_images(config, run: RunDir, model: EvalModel, benchmark: str, questions: pa.Table, progress=print) -> pa.Table:
-    """Draw the images still missing for (model, benchmark); returns (image_id, prompt_id, prompt) of
-    every image written, raising when more than images.max_error_rate failed."""
+def draw_eval_images(config, run: RunDir, model: EvalModel, benchmark: str, questions: pa.Table, key: str,
+                     progress=print) -> pa.Table:
+    """Draw the images still missing for (model, benchmark), whose model and settings ``key``
+    (:func:`images_key`) names; returns (image_id, prompt_id, prompt) of every image written,
+    raising when more than images.max_error_rate failed."""
     import pyarrow.compute as pc
 
     from selma.images.stage import batched_blocks, draw_images, write_images
 
     images_dir, errors_dir = f"eval/{model.name}/images", f"errors/eval/{model.name}/{benchmark}"
-    key = images_key(config, model, benchmark)
     stamp = f"eval/{model.name}/images/{benchmark}.json"
     if run.exists(*stamp.split("/")) and run.read_json(stamp).get("key") != key:
         progress(f"[eval] {model.name}/{benchmark}: model or image settings changed, drawing the images again")
@@ -448,8 +449,9 @@ def evaluate_model(config, run: RunDir, model: EvalModel, questions: dict[str, p
     previous = run.read_json(summary_path) if run.exists("eval", model.name, "summary.json") else {}
     summary = {"model": model.name, "lora": model.lora, "base_model": config.model, "benchmarks": {}}
     for benchmark, table in questions.items():
-        images = draw_eval_images(config, run, model, benchmark, table, progress)
-        key = answers_key(config, images_key(config, model, benchmark), table)
+        drawn_key = images_key(config, model, benchmark)  # hashes the LoRA file: once per benchmark
+        images = draw_eval_images(config, run, model, benchmark, table, drawn_key, progress)
+        key = answers_key(config, drawn_key, table)
         done = previous.get("benchmarks", {}).get(benchmark, {})
         if done.get("key") == key and done.get("images") == images.num_rows:
             progress(f"[eval] {model.name}/{benchmark}: answers up to date, skipping")
