@@ -282,7 +282,7 @@ class VQAConfig(_Section):
 class EvalConfig(_Section):
     models: list[str] = Field(
         default_factory=lambda: ["base", "merged"],
-        description="base, merged, expert-<name>, experts (every expert), or a LoRA folder path")
+        description="base, merged, expert-<name>, experts (every expert), or a LoRA folder: PATH or NAME=PATH")
     benchmarks: list[Literal["dsg", "tifa", "prompts", "world"]] = Field(
         default_factory=lambda: ["dsg"], min_length=1,
         description="prompts: your own prompt file, questions written by eval.questions; world: held-out shapes-world captions")
@@ -477,6 +477,11 @@ def _check_cross_references(config: SelmaConfig) -> None:
         raise ConfigError(
             f"invalid config:\n  skills.names: unknown skill(s) {unknown}; known: {sorted(registry)}"
         )
+    try:
+        for name in config.skills.names:
+            registry[name].acceptor()
+    except SkillError as err:
+        raise ConfigError(f"invalid config:\n  skills.names: {err}") from None
     short = {name: len(registry[name].seeds) for name in config.skills.names
              if len(registry[name].seeds) < config.skills.seeds_per_skill}
     if short:

@@ -7,11 +7,12 @@ from selma.config import ConfigError, load_config
 from selma.skills import SkillError, builtin_skills, load_registry, load_skill_file
 
 PAPER_SKILLS = {"coco", "localized_narratives", "countbench", "whoops", "diffusiondb"}
+WORLD_SKILLS = {"world_objects", "world_counting", "world_binding", "world_spatial"}  # selma.world
 
 
 def test_the_five_paper_skills_ship_with_seeds_rules_and_patterns():
     skills = builtin_skills()
-    assert set(skills) == PAPER_SKILLS
+    assert set(skills) == PAPER_SKILLS | WORLD_SKILLS
     for skill in skills.values():
         assert len(skill.seeds) >= 10 and len(set(skill.seeds)) == len(skill.seeds)
         assert skill.patterns, f"{skill.name} has no template patterns"
@@ -34,7 +35,7 @@ def test_a_user_skill_from_yaml_with_a_seed_file(tmp_path):
     assert skill.seeds == ["a red kite over a beach", "two cats on a sofa"]
     assert "Mention a kite." in skill.render_instruction(skill.seeds, 5)
     registry = load_registry([str(path)])
-    assert set(registry) == PAPER_SKILLS | {"kites"}
+    assert set(registry) == PAPER_SKILLS | WORLD_SKILLS | {"kites"}
     config = load_config("tiny", [f"skills.files=[{path}]", "skills.names=[kites]", "skills.seeds_per_skill=2"])
     assert config.skills.names == ["kites"]
 

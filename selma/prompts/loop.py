@@ -42,6 +42,7 @@ class SkillStats:
     candidates: int = 0
     accepted: int = 0
     rejected_similar: int = 0
+    rejected_by_skill: int = 0
     unparseable: int = 0
 
     def add(self, other: "SkillStats") -> None:
@@ -83,6 +84,7 @@ class SkillLoop:
         llm_rows = [row for row in written if row.origin == "llm"]
         self.pool = list(seeds) + [row.prompt for row in llm_rows]
         self.filter = DiversityFilter(config.rouge_threshold, self.pool)
+        self.accepts = skill.acceptor()
         self.accepted = len(llm_rows)
         self.resumed_from = self.accepted
         self.first_round = max((row.round for row in written), default=0) + 1
@@ -187,6 +189,9 @@ class SkillLoop:
                 if self.done:
                     break
                 self.stats.candidates += 1
+                if self.accepts is not None and not self.accepts(text):
+                    self.stats.rejected_by_skill += 1
+                    continue
                 if not self.filter.offer(text):
                     self.stats.rejected_similar += 1
                     continue

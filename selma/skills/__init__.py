@@ -46,6 +46,10 @@ class Skill(BaseModel):
     patterns: list[str] = Field(default_factory=list, description="phrase patterns for the template backend")
     vocabulary: dict[str, list[str]] = Field(
         default_factory=dict, description="the template backend's words for pattern slots, before its global vocabulary")
+    accept: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="'module:function' taking a prompt and returning whether the skill accepts it "
+                    "(e.g. to keep held-out test prompts out of training)")
 
     @field_validator("vocabulary")
     @classmethod
@@ -64,6 +68,21 @@ class Skill(BaseModel):
         if missing:
             raise ValueError(f"instruction template lacks the placeholder(s) {missing}")
         return text
+
+    def acceptor(self):
+        """The ``accept`` predicate, imported (None when the skill accepts every prompt)."""
+        if self.accept is None:
+            return None
+        import importlib
+
+        module, _, function = self.accept.partition(":")
+        try:
+            predicate = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as err:
+            raise SkillError(f"skill {self.name!r}: accept {self.accept!r} cannot be imported: {err}") from None
+        if not callable(predicate):
+            raise SkillError(f"skill {self.name!r}: accept {self.accept!r} is not callable")
+        return predicate
 
     def seed_prompts(self, count: int | None = None) -> list[str]:
         seeds = list(self.seeds)
@@ -111,7 +130,7 @@ def load_skill_file(path: str | Path) -> Skill:
 
 @lru_cache(maxsize=1)
 def builtin_skills() -> dict[str, Skill]:
-    skills = [load_skill_file(p) for p in sorted(BUILTIN_DIR.glob("*.yaml"))]
+    skills = [load_skill_file(p) for p in sorted(BUILTIN_DIR.rglob("*.yaml"))]
     return {s.name: s for s in skills}
 
 

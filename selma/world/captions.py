@@ -149,6 +149,12 @@ def split_of(caption: str, test_fraction: float = 0.2, salt: str = "") -> str:
     return "test" if int.from_bytes(digest[:8], "little") / 2 ** 64 < test_fraction else "train"
 
 
+def is_training_caption(caption: str) -> bool:
+    """A world caption in the train split (the world skills' ``accept``: held-out concepts are
+    never generated, so never trained on)."""
+    return is_world_caption(caption) and split_of(caption) == "train"
+
+
 def scene_seed(seed: int, kind: str, index: int) -> int:
     """The seed of the ``index``-th scene of ``kind`` in the stream ``seed``."""
     return int(np.random.SeedSequence([seed, KINDS.index(kind), index]).generate_state(1, np.uint64)[0] >> 1)
