@@ -31,6 +31,8 @@ TINY_MODELS = {
     "sbert": "selma.models.tiny_scorers:build_tiny_sentence_encoder",
 }
 MAX_PROMPT_TOKENS = 77
+# The shapes world's base model, trained from scratch and shipped in the package (selma.world.base).
+WORLD_BASE_SPEC = "world:base"
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
@@ -162,13 +164,13 @@ def train_clip_bpe(words: list[str] | None = None) -> tuple[dict[str, int], list
     return vocab, merges
 
 
-def build_clip_tokenizer(words: list[str] | None = None):
-    """A ``CLIPTokenizer`` over a locally trained BPE, ``model_max_length`` 77."""
+def build_clip_tokenizer(words: list[str] | None = None, model_max_length: int = MAX_PROMPT_TOKENS):
+    """A ``CLIPTokenizer`` over a BPE trained on ``words`` (each becomes a single token)."""
     from transformers import CLIPTokenizer
 
     vocab, merges = train_clip_bpe(words)
     # transformers 5 ignores vocab_file/merges_file here: pass the dict and the tuples.
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_PROMPT_TOKENS)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 def write_clip_vocab_files(tokenizer_dir: Path) -> None:
@@ -449,11 +451,16 @@ def _build_tiny(spec: str, out_dir: Path) -> None:
 
 
 def resolve_model(spec: str) -> str:
-    """A local path for ``spec``: tiny specs are built once into the cache; others pass through.
+    """A local path for ``spec``: tiny specs are built once into the cache, ``world:base`` is the
+    shipped shapes-world model; others pass through.
 
     Safe when several processes resolve the same spec at once: each builds into its own
     temporary folder next to the target and renames it into place; losers discard theirs.
     """
+    if spec == WORLD_BASE_SPEC:
+        from selma.world.base import shipped_base_model
+
+        return str(shipped_base_model())
     if not is_tiny_spec(spec):
         return spec
     from selma.rundir import build_once
