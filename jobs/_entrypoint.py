@@ -14,9 +14,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(command: str) -> None:
+def run(*command: str) -> None:
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     from selma.cli import main
 
-    sys.exit(main([command, *sys.argv[1:]]))
+    sys.exit(main([*command, *sys.argv[1:]]))

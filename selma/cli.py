@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", help="run directory (its run.json's config is used unless --config is given)")
     evaluate.add_argument("--config", "-c", help="a preset or YAML file (default: the run's own config, else tiny)")
     evaluate.add_argument("--models", metavar="M1,M2",
-                          help="comma-separated: base, merged, experts, expert-<name> or a LoRA folder (default: eval.models)")
-    evaluate.add_argument("--benchmark", action="append", choices=["dsg", "tifa", "prompts"],
+                          help="comma-separated: base, merged, experts, expert-<name> or a LoRA folder, PATH or NAME=PATH "
+                               "(default: eval.models)")
+    evaluate.add_argument("--benchmark", action="append", choices=["dsg", "tifa", "prompts", "world"],
                           help="repeatable (default: eval.benchmarks)")
     evaluate.add_argument("--limit", type=int, help="a seeded random sample of this many prompts per benchmark")
     evaluate.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -84,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--family", choices=["sd", "sdxl", "lm"], default="sd")
     tiny.add_argument("--resolution", type=int, default=64)
     tiny.add_argument("--seed", type=int, default=0)
+
+    world = commands.add_parser("world", help="the shapes world: train its base model, run and report the SELMA experiment")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    train_base = world_commands.add_parser(
+        "train-base", help="train the world's text-to-image base model from scratch (about 40 min on 2 CPU cores)")
+    train_base.add_argument("out", help="output folder (a diffusers pipeline; use it as model: OUT)")
+    train_base.add_argument("overrides", nargs="*", metavar="key=value",
+                            help="BaseModelConfig fields, e.g. steps=2000 threads=4 (see selma.world.base)")
+    experiment = world_commands.add_parser(
+        "experiment", help="base vs SELMA experts, merges, joint LoRA, filtered and ground-truth data; writes OUT/report.md")
+    experiment.add_argument("out", help="experiment folder (reruns resume)")
+    experiment.add_argument("--config", "-c", default="world", help="a preset or YAML file (default: world)")
+    experiment.add_argument("--arms", metavar="A,B", help="comma-separated subset of the arms (default: all)")
+    experiment.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                            help="config overrides, e.g. eval.world_prompts_per_kind=50 train.max_steps=100")
+    report = world_commands.add_parser("report", help="rewrite OUT/report.md and report.png from the experiment's scores")
+    report.add_argument("out")
 
     skills = commands.add_parser("skills", help="list or show skills")
     skill_commands = skills.add_subparsers(dest="skills_command", required=True)
@@ -202,7 +220,40 @@ def _cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"eval": _cmd_eval, "export": _cmd_export, "config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
+def _cmd_world(args) -> int:
+    from selma.config import ConfigError, format_validation_error, load_config, parse_override
+
+    if args.world_command == "train-base":
+        from pydantic import ValidationError
+
+        from selma.world.base import BaseModelConfig, train_base_model
+
+        fields = {}
+        for text in args.overrides:
+            path, value = parse_override(text)
+            fields[".".join(path)] = value
+        try:
+            config = BaseModelConfig.model_validate(fields)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err)) from None
+        train_base_model(args.out, config)
+        return 0
+    from selma.world.experiment import ARMS, run_experiment, write_experiment_report
+
+    if args.world_command == "report":
+        try:
+            result = write_experiment_report(args.out)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else ARMS
+        result = run_experiment(load_config(args.config, args.overrides), args.out, arms)
+    print()
+    print(open(result["markdown"], encoding="utf-8").read())
+    return 0
+
+
+COMMANDS = {"world": _cmd_world, "eval": _cmd_eval, "export": _cmd_export, "config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,10 @@ from selma.config import ConfigError, load_config, preset_names
 def test_every_shipped_preset_validates(preset):
     config = load_config(preset)
     assert config.name == preset
-    assert config.skills.names == ["coco", "localized_narratives", "countbench", "whoops", "diffusiondb"]
+    if preset == "world":
+        assert config.skills.names == ["world_counting", "world_binding", "world_spatial"]
+    else:
+        assert config.skills.names == ["coco", "localized_narratives", "countbench", "whoops", "diffusiondb"]
 
 
 def test_presets_carry_the_papers_settings():

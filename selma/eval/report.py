@@ -92,8 +92,9 @@ def markdown_report(summaries: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(summaries: dict[str, dict]) -> bytes:
-    """A grouped bar chart (PNG) of each benchmark's item mean per model."""
+def grouped_bars(groups: list[str], series: dict[str, tuple[list[float], list[float] | None]], *, ylabel: str,
+                 title: str, labels: bool = False, width_per_bar: float = 0.8) -> bytes:
+    """A grouped bar chart as PNG bytes: one bar per series in each group, optional error bars."""
     try:
         import matplotlib
     except ImportError:
@@ -102,25 +103,32 @@ def bar_chart(summaries: dict[str, dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [(t, b, g) for t, b, g in headline_metrics(summaries) if t.endswith("item mean")]
-    models = list(summaries)
-    width = 0.8 / max(len(models), 1)
-    figure, axes = plt.subplots(figsize=(max(4.0, 1.6 * len(metrics) * max(1, len(models)) / 2), 3.6), dpi=120)
-    for index, model in enumerate(models):
-        values = [100 * (get(summaries[model]) or 0.0) for _, _, get in metrics]
-        positions = [m + (index - (len(models) - 1) / 2) * width for m in range(len(metrics))]
-        bars = axes.bar(positions, values, width, label=model)
-        axes.bar_label(bars, fmt="%.1f", fontsize=7)
-    axes.set_xticks(range(len(metrics)), [title.replace(" item mean", "") for title, _, _ in metrics])
-    axes.set_ylabel("score (%)")
+    width = 0.8 / max(len(series), 1)
+    figure, axes = plt.subplots(figsize=(max(4.0, width_per_bar * len(groups) * max(1, len(series))), 3.6), dpi=120)
+    for index, (name, (values, errors)) in enumerate(series.items()):
+        positions = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = axes.bar(positions, values, width, yerr=errors, capsize=2 if errors else 0, label=name)
+        if labels:
+            axes.bar_label(bars, fmt="%.1f", fontsize=7)
+    axes.set_xticks(range(len(groups)), groups)
+    axes.set_ylabel(ylabel)
     axes.set_ylim(0, 100)
-    axes.set_title("selma evaluation (item mean)")
-    axes.legend(fontsize=8, loc="upper right")
+    axes.set_title(title)
+    axes.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def bar_chart(summaries: dict[str, dict]) -> bytes:
+    """A grouped bar chart (PNG) of each benchmark's item mean per model."""
+    metrics = [(t, b, g) for t, b, g in headline_metrics(summaries) if t.endswith("item mean")]
+    series = {model: ([100 * (get(summary) or 0.0) for _, _, get in metrics], None)
+              for model, summary in summaries.items()}
+    return grouped_bars([title.replace(" item mean", "") for title, _, _ in metrics], series, ylabel="score (%)",
+                        title="selma evaluation (item mean)", labels=True)
 
 
 def write_report(run: RunDir, progress=print) -> dict:

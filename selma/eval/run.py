@@ -61,12 +61,15 @@ def resolve_models(config, run: RunDir) -> list[EvalModel]:
         elif spec.startswith("expert-"):
             models.append(EvalModel(spec, _run_lora(run, f"experts/{spec[len('expert-'):]}", spec)))
         else:
-            folder = Path(spec)
+            label, named, location = spec.partition("=")
+            if named and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label):
+                raise _config_error("models", f"{spec!r}: a model name (before '=') takes letters, digits, '_', '.', '-'")
+            folder = Path(location if named else spec)
             if not (folder / "pytorch_lora_weights.safetensors").is_file():
                 raise _config_error("models", f"{spec!r} is not base, merged, experts, expert-<name>, or a LoRA "
-                                              "folder holding pytorch_lora_weights.safetensors")
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name)
-            models.append(EvalModel(f"lora-{name}", str(folder.resolve())))
+                                              "folder (PATH or NAME=PATH) holding pytorch_lora_weights.safetensors")
+            name = label if named else "lora-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.resolve().name)
+            models.append(EvalModel(name, str(folder.resolve())))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise _config_error("models", f"two models share a name: {names}")

@@ -31,6 +31,13 @@ Evaluation (:mod:`selma.world.evaluator`)::
 image alone) and ``WorldAccuracyScorer`` gives prompt accuracy as a reward scorer
 (``score(images, prompts)``); ``question_rows(prompts)`` builds a benchmark's question rows.
 
+The base model (:mod:`selma.world.base`): ``train_base_model(out_dir, BaseModelConfig())`` trains
+a small Stable Diffusion pipeline on the world from scratch (``selma world train-base``); the one
+shipped with selma is the model spec ``world:base``. The experiment (:mod:`selma.world.experiment`):
+``run_experiment(load_config("world"), out)`` compares the base model, SELMA experts and merges,
+a joint LoRA, experts on evaluator-filtered images and on ground-truth renders
+(``selma world experiment``).
+
 Skills: ``SKILL_FILES`` are the YAML files of the world skills (world_objects, world_counting,
 world_binding, world_spatial) for ``skills.files``; their template backend output is in the
 grammar. Held-out prompts: keep the prompts with ``split_of(p) == "train"`` for training and
@@ -39,8 +46,8 @@ sample test prompts with ``sample_scenes(kind, n, seed, split="test")``.
 
 from pathlib import Path
 
-from selma.world.captions import (WorldCaptionError, caption_of, concept_key, format_caption, is_world_caption,
-                                  parse_caption, sample_scenes, scene_seed, split_of)
+from selma.world.captions import (WorldCaptionError, caption_of, concept_key, format_caption, is_training_caption,
+                                  is_world_caption, parse_caption, sample_scenes, scene_seed, split_of)
 from selma.world.evaluator import (Detection, WorldAccuracyScorer, WorldEvaluator, WorldQuestionError, WorldVQA,
                                    answer_question, detect, question_rows, questions)
 from selma.world.render import render, render_image
@@ -54,6 +61,6 @@ __all__ = [
     "COLORS", "KINDS", "RELATIONS", "SHAPES", "SKILL_DIR", "SKILL_FILES", "SKILL_KINDS", "Detection", "Entity",
     "Relation", "Scene", "SceneGraph", "WorldAccuracyScorer", "WorldCaptionError", "WorldEvaluator", "WorldObject",
     "WorldQuestionError", "WorldVQA", "answer_question", "caption_of", "concept_key", "detect", "format_caption",
-    "is_world_caption", "parse_caption", "question_rows", "questions", "render", "render_image", "sample_scene",
+    "is_training_caption", "is_world_caption", "parse_caption", "question_rows", "questions", "render", "render_image", "sample_scene",
     "sample_scenes", "scene_seed", "skill_scene", "split_of",
 ]

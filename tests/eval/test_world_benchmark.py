@@ -4,7 +4,6 @@ the VQA backend, prompt accuracy as the primary metric."""
 import io
 
 import pyarrow as pa
-import pytest
 
 from selma.config import load_config
 from selma.eval.questions import score_answers, summarize
@@ -61,17 +60,3 @@ def test_held_out_world_captions_never_come_from_the_training_split():
     prompts = {r["item_id"]: r["prompt"] for r in rows}
     assert len(prompts) == 40 and all(split_of(p) == "test" for p in prompts.values())
     assert {r["source"] for r in rows} == {"counting", "spatial"}
-
-
-@pytest.mark.slow
-def test_selma_eval_runs_the_world_benchmark(ray_local, tmp_path):
-    from selma.eval.run import run_eval
-
-    config = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "eval.models=[base]", "eval.benchmarks=[world]",
-                                  "eval.world_kinds=[counting, spatial]", "eval.world_prompts_per_kind=3",
-                                  "eval.vqa.backend=world", "eval.rewards={}", "images.steps=2"])
-    run_eval(config, RunDir(config.run_dir), progress=lambda _: None)
-    summary = RunDir(config.run_dir).read_json("eval/base/summary.json")["benchmarks"]["world"]
-    assert summary["overall"]["items"] == 6 and set(summary["per_source"]) == {"counting", "spatial"}
-    assert 0.0 <= summary["rewards"]["prompt_accuracy"] <= 1.0
-    assert "prompt_accuracy (shapes world)" in RunDir(config.run_dir).read_bytes("eval/report.md").decode()
