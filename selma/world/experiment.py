@@ -190,14 +190,9 @@ def run_experiment(config, out: str | Path, arms: tuple[str, ...] = ARMS, progre
     timed("selma", lambda: run_stages(main, ("prompts", "images", "train", "merge") if needs_training else
                                       ("prompts", "images"), progress=progress))
     run = RunDir(str(out / "selma"))
-    lora = {}
-    if "delta_mean" in arms:
-        lora["delta_mean"] = run.path("merged")
-    if "ab_mean" in arms:
-        target = out / "merged-ab_mean"
-        if not (target / "merge.json").is_file():
-            timed("ab_mean", lambda: merge_experts({s: run.path("experts", s) for s in skills}, target, method="ab_mean"))
-        lora["ab_mean"] = str(target)
+    ab_mean = out / "merged-ab_mean"
+    if "ab_mean" in arms and not (ab_mean / "merge.json").is_file():
+        timed("ab_mean", lambda: merge_experts({s: run.path("experts", s) for s in skills}, ab_mean, method="ab_mean"))
     for name in DERIVED_ARMS:
         if name not in arms:
             continue
@@ -206,9 +201,9 @@ def run_experiment(config, out: str | Path, arms: tuple[str, ...] = ARMS, progre
         if derived is not None:
             timed(name, lambda: run_stages(derived, ("train",), progress=progress))
 
-    shared = [m for m in ("base", "delta_mean", "ab_mean", "joint") if m in arms]
-    models = ["base" if m == "base" else "merged" if m == "delta_mean" else
-              f"{m}={out / m / 'experts' / 'joint'}" if m == "joint" else f"{m}={lora[m]}" for m in shared]
+    shared = {"base": "base", "delta_mean": "merged", "ab_mean": f"ab_mean={ab_mean}",
+              "joint": f"joint={out / 'joint' / 'experts' / 'joint'}"}  # arms scored on every skill
+    models = [spec for arm, spec in shared.items() if arm in arms]
     kinds = [skill_kind(s) for s in skills]
     if models:
         timed("eval", lambda: run_eval(_with(main, eval__models=models, eval__world_kinds=kinds), run, progress))
