@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from selma.errors import InputError
+
 STAGE_HELP = {
     "prompts": "generate skill-specific prompts with the SELMA in-context loop",
     "images": "draw one image per prompt with the diffusion model (Ray Data)",
@@ -31,7 +33,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selma", description="SELMA on Ray: skill-specific LoRA experts, "
-                                     "learned on auto-generated data and merged, for faithful text-to-image models.")
+                                     "learned on auto-generated data and merged, for faithful text-to-image models.",
+                                     epilog="Exit codes: 0 done, 1 runtime failure, 2 bad input. Add --debug anywhere "
+                                            "for a traceback instead of a one-line error.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run every stage: prompts → images → train → merge")
@@ -156,18 +160,13 @@ def _cmd_models(args) -> int:
 def _cmd_skills(args) -> int:
     from selma.skills import SkillError, load_registry
 
-    try:
-        skills = load_registry(args.file)
-    except SkillError as err:
-        print(f"selma: {err}", file=sys.stderr)
-        return 2
+    skills = load_registry(args.file)
     if args.skills_command == "list":
         for skill in skills.values():
             print(f"{skill.name:<22} {skill.description}")
         return 0
     if args.name not in skills:
-        print(f"unknown skill {args.name!r}; known: {', '.join(skills)}", file=sys.stderr)
-        return 2
+        raise SkillError(f"skills show: unknown skill {args.name!r}; known: {', '.join(skills)}")
     print(json.dumps(skills[args.name].model_dump(), indent=2))
     return 0
 
@@ -175,13 +174,9 @@ def _cmd_skills(args) -> int:
 def _cmd_serve(args) -> int:
     from selma.serve.run import load_run_config, serve_run_dir
 
-    config, run = load_run_config(args.run_dir, args.overrides)
-    if args.host:
-        config.serve.host = args.host
-    if args.port:
-        config.serve.port = args.port
-    if args.model:
-        config.serve.model = args.model
+    flags = {"serve.host": args.host, "serve.port": args.port, "serve.model": args.model}
+    overrides = [*args.overrides, *(f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None)]
+    config, run = load_run_config(args.run_dir, overrides)
     serve_run_dir(config, run)
     return 0
 
@@ -257,10 +252,33 @@ COMMANDS = {"world": _cmd_world, "eval": _cmd_eval, "export": _cmd_export, "conf
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selma.config import ConfigError
-    from selma.rundir import RunDirError
+    """Exit codes: 0 done, 1 a runtime failure, 2 bad input (config, files, run directory, arguments),
+    130 interrupted. Errors print as ``selma: <field or path>: <reason>``; ``--debug`` (anywhere on
+    the line) or ``SELMA_DEBUG=1`` shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("SELMA_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except KeyboardInterrupt:
+        print("selma: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except InputError as err:
+        if debug:
+            raise
+        print(f"selma: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if debug:
+            raise
+        print(f"selma: {type(err).__name__}: {err}\n(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
-    argv = sys.argv[1:] if argv is None else argv
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["merge-adapters"]:  # its own parser: argparse sub-commands cannot pass "--flags" through
         from selma.merge.stage import merge_main
 
@@ -272,18 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    handler = COMMANDS.get(args.command, _cmd_stages)
-    try:
-        return handler(args)
-    except (ConfigError, RunDirError) as err:
-        print(f"selma: {err}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stdout = open(os.devnull, "w")
-        return 0
-    except KeyboardInterrupt:
-        print("selma: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return COMMANDS.get(args.command, _cmd_stages)(args)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from selma.errors import InputError
+
 PRESETS_DIR = Path(__file__).parent / "configs"
 DEFAULT_SKILLS = ["coco", "localized_narratives", "countbench", "whoops", "diffusiondb"]
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot be used; the message names the offending field."""
 
 
@@ -246,7 +248,11 @@ class ServeConfig(_Section):
     max_steps: int = Field(100, ge=1)
     max_images_per_request: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
-    api_key_env: str | None = Field(None, description="env var holding a bearer token to require")
+    api_key_env: str | None = Field(
+        None, description="env var holding the bearer token every endpoint but /healthz requires; "
+                          "named but unset or empty: the app refuses to start")
+    allow_unauthenticated: bool = Field(
+        False, description="serve without an API key on a non-loopback host (else refused: set api_key_env)")
 
     @model_validator(mode="after")
     def _batching_possible(self) -> "ServeConfig":
@@ -443,8 +449,10 @@ def format_validation_error(err: ValidationError) -> str:
             message = "unknown field"
         shown = problem.get("input")
         suffix = f" (got {shown!r})" if shown is not None and problem["type"] != "missing" and not isinstance(shown, dict) else ""
-        lines.append(f"  {field}: {message}{suffix}")
-    return "invalid config:\n" + "\n".join(lines)
+        lines.append(f"{field}: {message}{suffix}")
+    if len(lines) == 1:
+        return lines[0]
+    return f"invalid config, {len(lines)} problems:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def build_config(data: dict) -> SelmaConfig:
@@ -471,34 +479,34 @@ def _check_cross_references(config: SelmaConfig) -> None:
     try:
         registry = load_registry(config.skills.files)
     except SkillError as err:
-        raise ConfigError(f"invalid config:\n  skills.files: {err}") from None
+        raise ConfigError(f"skills.files: {err}") from None
     unknown = [name for name in config.skills.names if name not in registry]
     if unknown:
         raise ConfigError(
-            f"invalid config:\n  skills.names: unknown skill(s) {unknown}; known: {sorted(registry)}"
+            f"skills.names: unknown skill(s) {unknown}; known: {sorted(registry)}"
         )
     try:
         for name in config.skills.names:
             registry[name].acceptor()
     except SkillError as err:
-        raise ConfigError(f"invalid config:\n  skills.names: {err}") from None
+        raise ConfigError(f"skills.names: {err}") from None
     short = {name: len(registry[name].seeds) for name in config.skills.names
              if len(registry[name].seeds) < config.skills.seeds_per_skill}
     if short:
-        raise ConfigError(f"invalid config:\n  skills.seeds_per_skill: {config.skills.seeds_per_skill} seeds requested, "
+        raise ConfigError(f"skills.seeds_per_skill: {config.skills.seeds_per_skill} seeds requested, "
                           f"but these skills have fewer: {short}")
     from selma.merge.methods import MERGE_METHODS
 
     if config.merge.method not in MERGE_METHODS:
         raise ConfigError(
-            f"invalid config:\n  merge.method: unknown method {config.merge.method!r}; known: {sorted(MERGE_METHODS)}"
+            f"merge.method: unknown method {config.merge.method!r}; known: {sorted(MERGE_METHODS)}"
         )
     if config.train.mode == "joint" and JOINT_EXPERT in config.skills.names:
-        raise ConfigError(f"invalid config:\n  skills.names: {JOINT_EXPERT!r} names the joint adapter when "
+        raise ConfigError(f"skills.names: {JOINT_EXPERT!r} names the joint adapter when "
                           "train.mode is joint; rename that skill")
     if config.merge.weights is not None:
         stray = sorted(set(config.merge.weights) - set(config.expert_names))
         absent = sorted(set(config.expert_names) - set(config.merge.weights))
         if stray or absent:
-            raise ConfigError(f"invalid config:\n  merge.weights: must give one weight per expert "
+            raise ConfigError(f"merge.weights: must give one weight per expert "
                               f"(not experts of this run: {stray}; missing: {absent})")

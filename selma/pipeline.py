@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import selma
-from selma.rundir import RunDir
+from selma.rundir import RunDir, RunDirError
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ def stage_hashes(config) -> dict[str, str]:
     return hashes
 
 
-def open_run(config) -> RunDir:
-    run = RunDir(config.resolved_run_dir())
+def record_config(run: RunDir, config) -> None:
+    """Write ``config`` into run.json: only once every check passed, under the run's lock."""
     manifest = run.manifest()
     run.update_manifest(
         selma_version=selma.__version__,
@@ -53,61 +54,81 @@ def open_run(config) -> RunDir:
         config=config.model_dump(mode="json"),
         stages=manifest.get("stages", {}),
     )
-    return run
+
+
+def plan_stages(config, run: RunDir, names: tuple[str, ...], *, restart: bool = False) -> list[str]:
+    """The stages of ``names`` that must run, in order; raises :class:`RunDirError` if the run cannot
+    take them (a stage made under another config, an upstream stage missing). Reads only."""
+    hashes = stage_hashes(config)
+    discarded = set(STAGE_NAMES[STAGE_NAMES.index(names[0]):]) if restart else set()
+    pending = [s.name for s in STAGES if s.name in names
+               and (s.name in discarded or not run.is_committed(s.name, hashes[s.name]))]
+    if not pending:
+        return pending
+    index = STAGE_NAMES.index(pending[0])
+    upstream = STAGE_NAMES[index - 1] if index else None
+    if upstream and (upstream in discarded or not run.is_committed(upstream, hashes[upstream])):
+        raise RunDirError(f"{run.uri}: stage {pending[0]!r} needs stage {upstream!r} committed with this config; "
+                          f"run `selma {upstream}` (or `selma run`) first")
+    for name in pending:
+        if name not in discarded:
+            run.check_stage_config(name, hashes[name])
+    return pending
 
 
 def run_stages(config, names: tuple[str, ...] = STAGE_NAMES, *, restart: bool = False, progress=print) -> dict:
-    """Run the named stages in order, skipping committed ones; returns the run summary."""
+    """Run the named stages in order, skipping committed ones; returns the run summary.
+
+    Every check runs before anything is written; the run directory is locked for the whole call;
+    a stage that raises is marked ``failed`` with the reason, and a rerun resumes it.
+    """
     from selma.raylib import init_ray
 
-    run = open_run(config)
-    hashes = stage_hashes(config)
-    if restart:
-        first = STAGE_NAMES.index(names[0])
-        for later in STAGE_NAMES[first:]:
-            run.discard_stage(later)
-            progress(f"[{later}] discarded for --restart")
-    pending = [s.name for s in STAGES if s.name in names and not run.is_committed(s.name, hashes[s.name])]
+    run = RunDir(config.resolved_run_dir())
+    pending = plan_stages(config, run, names, restart=restart)
     for stage in STAGES:
         if stage.name in pending and stage.preflight:
             stage.load(stage.preflight)(config)
-    streamed: set[str] = set()
-    for stage in STAGES:
-        if stage.name not in names:
-            continue
-        if stage.name not in pending:
-            if stage.name not in streamed and run.is_committed(stage.name, hashes[stage.name]):
+    with run.lock():
+        pending = plan_stages(config, run, names, restart=restart)  # again, now that no one else writes
+        hashes = stage_hashes(config)
+        if restart:
+            for later in STAGE_NAMES[STAGE_NAMES.index(names[0]):]:
+                run.discard_stage(later)
+                progress(f"[{later}] discarded for --restart")
+        if pending:
+            record_config(run, config)
+        for stage in STAGES:
+            if stage.name not in names:
+                continue
+            if stage.name not in pending:
                 progress(f"[{stage.name}] already committed in {run.uri}, skipping")
-            continue
-        _require_upstream(run, stage.name, hashes)
-        run.begin_stage(stage.name, hashes[stage.name])
-        if stage.needs_ray:
-            init_ray(config.ray)
-        if stage.name == "prompts" and "images" in pending:
-            run.begin_stage("images", hashes["images"])
-            progress("[prompts] running, streaming into [images]")
-            from selma.prompts.stage import run_prompts_and_images
+                continue
+            together = ["prompts", "images"] if stage.name == "prompts" and "images" in pending else [stage.name]
+            for name in together:
+                run.begin_stage(name, hashes[name])
+            try:
+                if stage.needs_ray:
+                    init_ray(config.ray)
+                if len(together) == 2:
+                    progress("[prompts] running, streaming into [images]")
+                    from selma.prompts.stage import run_prompts_and_images
 
-            prompts, images = run_prompts_and_images(config, run, progress=progress)
-            run.commit_stage("prompts", **prompts)
-            run.commit_stage("images", **images)
-            pending.remove("images")
-            streamed.add("images")
-            continue
-        progress(f"[{stage.name}] running")
-        result = stage.load()(config, run, progress=progress)
-        run.commit_stage(stage.name, **result)
+                    results = run_prompts_and_images(config, run, progress=progress)
+                else:
+                    progress(f"[{stage.name}] running")
+                    results = (stage.load()(config, run, progress=progress),)
+            except BaseException as err:
+                for name in together:
+                    with contextlib.suppress(Exception):
+                        run.fail_stage(name, err)
+                raise
+            for name, result in zip(together, results):
+                run.commit_stage(name, **result)
+            if len(together) == 2:
+                pending.remove("images")
+                names = tuple(n for n in names if n != "images")
     return summarize(run)
-
-
-def _require_upstream(run: RunDir, name: str, hashes: dict[str, str]) -> None:
-    index = STAGE_NAMES.index(name)
-    if index == 0:
-        return
-    upstream = STAGE_NAMES[index - 1]
-    if not run.is_committed(upstream, hashes[upstream]):
-        raise RuntimeError(f"stage {name!r} needs stage {upstream!r} committed in {run.uri} with this config; "
-                           f"run `selma {upstream}` (or `selma run`) first")
 
 
 def summarize(run: RunDir) -> dict:

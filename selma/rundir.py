@@ -17,6 +17,10 @@ manifest is written last, atomically.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -27,12 +31,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from selma.errors import InputError
+
 MANIFEST = "run.json"
+LOCK_FILE = ".lock"
+LEASE_FILE = ".lock.json"
 STAGES = ("prompts", "images", "train", "merge")
 
 
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked."""
+class RunDirError(InputError):
+    """The run directory cannot be used as asked; the message names the run or the file at fault."""
+
+
+class RunDirInUse(RunDirError):
+    """Another command holds the run directory's lock."""
 
 
 def _split_uri(uri: str) -> tuple[pafs.FileSystem, str, str]:
@@ -103,9 +115,23 @@ class RunDir:
                 stream.write(data)
             return
         temporary = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with self.fs.open_output_stream(temporary) as stream:
-            stream.write(data)
-        self.fs.move(temporary, target)
+        try:
+            with self.fs.open_output_stream(temporary) as stream:
+                stream.write(data)
+            self.fs.move(temporary, target)
+        except BaseException:
+            self.delete_quietly(temporary)
+            raise
+
+    def delete_quietly(self, path: str) -> None:
+        try:
+            info = self.fs.get_file_info(path)
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(path)
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(path)
+        except OSError:
+            pass
 
     def read_bytes(self, relative: str) -> bytes:
         with self.fs.open_input_stream(self.path(relative)) as stream:
@@ -115,7 +141,29 @@ class RunDir:
         self.write_bytes(relative, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
     def read_json(self, relative: str) -> Any:
-        return json.loads(self.read_bytes(relative))
+        try:
+            return json.loads(self.read_bytes(relative))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RunDirError(f"{self.uri_of(relative)}: not valid JSON ({err}); restore it from a backup, "
+                              "or start a new run directory") from None
+
+    def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One Parquet file of the run (a path from :meth:`list_files`); a damaged file is named."""
+        try:
+            return pq.read_table(path, filesystem=self.fs, columns=columns)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise self.damaged(path, err) from None
+
+    def parquet_rows(self, path: str) -> int:
+        try:
+            return pq.read_metadata(path, filesystem=self.fs).num_rows
+        except (pa.ArrowInvalid, OSError) as err:
+            raise self.damaged(path, err) from None
+
+    def damaged(self, path: str, err: Exception) -> RunDirError:
+        stage = path[len(self.root) + 1:].split("/", 1)[0]
+        return RunDirError(f"{path}: not a readable Parquet file ({err}); delete it and rerun "
+                           f"`selma {stage if stage in STAGES else 'run'}` to redo its rows")
 
     def write_table(self, relative: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
@@ -127,7 +175,7 @@ class RunDir:
         files = self.list_files(*parts)
         if not files:
             return None
-        tables = [pq.read_table(f, filesystem=self.fs, columns=columns) for f in files]
+        tables = [self.read_parquet(f, columns) for f in files]
         return pa.concat_tables(tables, promote_options="default")
 
     # directories ---------------------------------------------------------------------------
@@ -146,12 +194,16 @@ class RunDir:
             return
         parent = relative.rsplit("/", 1)[0] if "/" in relative else ""
         staging = f"{parent}/.tmp-{uuid.uuid4().hex}".lstrip("/")
-        self.makedirs(staging)
-        pafs.copy_files(str(local_dir), self.path(staging), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
-        if self.exists(relative):
-            self.fs.delete_dir(self.path(relative))
-        self.fs.move(self.path(staging), self.path(relative))
+        try:
+            self.makedirs(staging)
+            pafs.copy_files(str(local_dir), self.path(staging), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+            if self.exists(relative):
+                self.fs.delete_dir(self.path(relative))
+            self.fs.move(self.path(staging), self.path(relative))
+        except BaseException:
+            self.delete_quietly(self.path(staging))
+            raise
 
     def get_dir(self, relative: str, local_dir: str | Path) -> Path:
         local_dir = Path(local_dir)
@@ -181,17 +233,19 @@ class RunDir:
         return self.manifest().get("stages", {}).get(name, {})
 
     def update_manifest(self, **fields: Any) -> dict:
-        manifest = self.manifest()
-        manifest.update(fields)
-        self.write_json(MANIFEST, manifest)
-        return manifest
+        with _manifest_guard(self.uri):
+            manifest = self.manifest()
+            manifest.update(fields)
+            self.write_json(MANIFEST, manifest)
+            return manifest
 
     def update_stage(self, name: str, **fields: Any) -> dict:
-        manifest = self.manifest()
-        entry = manifest.setdefault("stages", {}).setdefault(name, {})
-        entry.update(fields)
-        self.write_json(MANIFEST, manifest)
-        return entry
+        with _manifest_guard(self.uri):
+            manifest = self.manifest()
+            entry = manifest.setdefault("stages", {}).setdefault(name, {})
+            entry.update(fields)
+            self.write_json(MANIFEST, manifest)
+            return entry
 
     def is_committed(self, name: str, config_hash: str) -> bool:
         entry = self.stage(name)
@@ -203,7 +257,7 @@ class RunDir:
         recorded = entry.get("config_hash")
         if recorded and recorded != config_hash:
             raise RunDirError(
-                f"stage {name!r} in {self.uri} was {'committed' if entry.get('status') == 'committed' else 'started'} "
+                f"{self.uri}: stage {name!r} was {'committed' if entry.get('status') == 'committed' else 'started'} "
                 f"with a different config (hash {recorded}, now {config_hash}). Use a new --run-dir, "
                 f"or `selma {name} ... --restart` to discard it and everything after it."
             )
@@ -219,6 +273,12 @@ class RunDir:
             attempts=entry.get("attempts", 0) + 1,
         )
 
+    def fail_stage(self, name: str, error: BaseException) -> None:
+        """Record why a stage stopped; its committed rows stay, and a rerun resumes it."""
+        reason = str(error) or type(error).__name__
+        self.update_stage(name, status="failed", failed_at=time.time(),
+                          error=f"{type(error).__name__}: {reason}"[:2000])
+
     def commit_stage(self, name: str, **fields: Any) -> None:
         entry = self.stage(name)
         now = time.time()
@@ -231,9 +291,169 @@ class RunDir:
         for location in (output, f"_work/{name}", f"errors/{name}"):
             if self.exists(location):
                 self.fs.delete_dir(self.path(location))
-        manifest = self.manifest()
-        manifest.get("stages", {}).pop(name, None)
-        self.write_json(MANIFEST, manifest)
+        with _manifest_guard(self.uri):
+            manifest = self.manifest()
+            manifest.get("stages", {}).pop(name, None)
+            self.write_json(MANIFEST, manifest)
+
+    # one writer ----------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, command: str | None = None) -> Iterator[None]:
+        """Hold the run directory for one writing command for the duration of the block.
+
+        A local run takes an advisory ``flock`` on ``RUN/.lock``: the kernel releases it when the
+        holder exits, however it exits. An object store has no locks, so a lease object
+        ``RUN/.lock.json`` is written and renewed while held; one that expired, or whose holder on
+        this host is gone, is taken over. Another holder raises :class:`RunDirInUse` naming its
+        PID, host, start time and command. Re-entrant within a process.
+        """
+        with _HELD_GUARD:
+            held = _HELD.get(self.uri)
+            if held is not None:
+                held[1] += 1
+        if held is None:
+            lock = _FileLock(self) if self.is_local else _Lease(self)
+            lock.acquire(_holder(command))
+            with _HELD_GUARD:
+                held = _HELD[self.uri] = [lock, 1]
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                held[1] -= 1
+                if held[1] == 0:
+                    _HELD.pop(self.uri, None)
+                    held[0].release()
+
+
+_HELD: dict[str, list] = {}  # run uri -> [lock, depth] for the locks this process holds
+_HELD_GUARD = threading.Lock()
+_MANIFEST_GUARDS: dict[str, threading.Lock] = {}
+
+
+def _manifest_guard(uri: str) -> threading.Lock:
+    """Serialises this process's read-modify-writes of one manifest (the run lock keeps others out)."""
+    with _HELD_GUARD:
+        return _MANIFEST_GUARDS.setdefault(uri, threading.Lock())
+
+
+def _holder(command: str | None) -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command or " ".join(["selma", *sys.argv[1:]])[:300]}
+
+
+def _in_use(run: RunDir, holder: dict | None) -> RunDirInUse:
+    if not holder:
+        who = "another process"
+    else:
+        who = f"PID {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} ({holder.get('command')})"
+    return RunDirInUse(f"{run.uri}: run directory in use by {who}; wait for it to finish or stop it. "
+                       "One command writes to a run directory at a time.")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _FileLock:
+    """``flock`` on RUN/.lock; the file holds the holder's description while it is held."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.path, self.fd = run, run.path(LOCK_FILE), None
+
+    def acquire(self, holder: dict) -> None:
+        import fcntl
+
+        self.run.makedirs()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                current = json.loads(os.pread(fd, 65536, 0) or b"null")
+            except ValueError:
+                current = None
+            os.close(fd)
+            raise _in_use(self.run, current) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        import fcntl
+
+        os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+class _Lease:
+    """A lease object RUN/.lock.json, renewed every ``renew_s`` while held and valid ``ttl_s``.
+
+    Object stores have no compare-and-swap that pyarrow exposes, so after writing its lease a
+    holder waits ``settle_s`` and reads it back: of two commands racing for a free run, the one
+    whose write landed last keeps it, the other gets :class:`RunDirInUse`.
+    """
+
+    ttl_s, renew_s, settle_s = 120.0, 30.0, 1.0
+
+    def __init__(self, run: RunDir):
+        self.run, self.token = run, uuid.uuid4().hex
+        self.stop = threading.Event()
+        self.renewer: threading.Thread | None = None
+        self.holder: dict = {}
+
+    def _current(self) -> dict | None:
+        if not self.run.exists(LEASE_FILE):
+            return None
+        try:
+            return json.loads(self.run.read_bytes(LEASE_FILE))
+        except (ValueError, OSError):
+            return None  # a damaged lease protects nothing
+
+    def _stale(self, lease: dict) -> bool:
+        if float(lease.get("expires_at", 0)) < time.time():
+            return True
+        return lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", -1)))
+
+    def _write(self) -> None:
+        self.run.write_json(LEASE_FILE, {**self.holder, "token": self.token, "expires_at": time.time() + self.ttl_s})
+
+    def acquire(self, holder: dict) -> None:
+        current = self._current()
+        if current is not None and current.get("token") != self.token and not self._stale(current):
+            raise _in_use(self.run, current)
+        self.holder = holder
+        self._write()
+        time.sleep(self.settle_s)
+        current = self._current()
+        if current is None or current.get("token") != self.token:
+            raise _in_use(self.run, current)
+        self.renewer = threading.Thread(target=self._renew, name="selma-run-lease", daemon=True)
+        self.renewer.start()
+
+    def _renew(self) -> None:
+        while not self.stop.wait(self.renew_s):
+            try:
+                self._write()
+            except OSError:
+                pass  # retried at the next period; the lease stays valid for ttl_s
+
+    def release(self) -> None:
+        self.stop.set()
+        if self.renewer is not None:
+            self.renewer.join()
+        current = self._current()
+        if current is not None and current.get("token") == self.token:
+            self.run.delete_quietly(self.run.path(LEASE_FILE))
 
 
 def _hidden(name: str) -> bool:

@@ -42,7 +42,7 @@ class EvalModel:
 
 
 def _config_error(field: str, message: str) -> ConfigError:
-    return ConfigError(f"invalid config:\n  eval.{field}: {message}")
+    return ConfigError(f"eval.{field}: {message}")
 
 
 def resolve_models(config, run: RunDir) -> list[EvalModel]:
@@ -390,12 +390,9 @@ def answers_key(config, images: str, questions: pa.Table) -> str:
 
 
 def _read_image_files(batch: pa.Table, run_uri: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
     run = RunDir(run_uri)
     columns = ["image_id", "prompt_id", "prompt", "image"]
-    return pa.concat_tables([pq.read_table(path, filesystem=run.fs, columns=columns)
-                             for path in batch.column("path").to_pylist()])
+    return pa.concat_tables([run.read_parquet(path, columns) for path in batch.column("path").to_pylist()])
 
 
 def answer_questions(config, run: RunDir, model: EvalModel, benchmark: str, questions: pa.Table,
@@ -484,15 +481,16 @@ def run_eval(config, run: RunDir, progress=print) -> dict:
     from selma.raylib import init_ray
 
     models = check_eval_config(config, run)
-    questions = {}
-    for benchmark in config.eval.benchmarks:
-        table = load_benchmark(benchmark, config, run, progress)
-        items = len(set(table.column("item_id").to_pylist()))
-        progress(f"[eval] {BENCHMARK_TITLES[benchmark]}: {items} prompts, {table.num_rows} questions")
-        questions[benchmark] = table
-    init_ray(config.ray)
-    summaries = {}
-    for model in models:
-        summaries[model.name] = evaluate_model(config, run, model, questions, progress)
-    report = write_report(run, progress)
+    with run.lock():
+        questions = {}
+        for benchmark in config.eval.benchmarks:
+            table = load_benchmark(benchmark, config, run, progress)
+            items = len(set(table.column("item_id").to_pylist()))
+            progress(f"[eval] {BENCHMARK_TITLES[benchmark]}: {items} prompts, {table.num_rows} questions")
+            questions[benchmark] = table
+        init_ray(config.ray)
+        summaries = {}
+        for model in models:
+            summaries[model.name] = evaluate_model(config, run, model, questions, progress)
+        report = write_report(run, progress)
     return {"models": summaries, "report": report}

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from selma.rundir import RunDir
+from selma.rundir import RunDir, RunDirError
 
 HF_FEATURES = {
     "image_id": {"dtype": "string", "_type": "Value"},
@@ -91,22 +91,31 @@ def export_imagefolder(run: RunDir, out_dir: str | Path, skills: list[str] | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     skills = skills or run.list_dirs("images")
     if not skills:
-        raise RuntimeError(f"{run.uri} has no images to export")
+        raise RunDirError(f"{run.uri}: has no images to export")
     count = 0
     metadata_path = out_dir / "metadata.jsonl"
     temporary = out_dir / ".metadata.jsonl.tmp"
-    with temporary.open("w") as metadata:
-        for skill in skills:
-            (out_dir / skill).mkdir(exist_ok=True)
-            for file in run.list_files("images", skill):
-                parquet = pq.ParquetFile(file, filesystem=run.fs)
-                for batch in parquet.iter_batches(batch_size=64):
-                    for row in batch.to_pylist():
+    try:
+        with temporary.open("w") as metadata:
+            for skill in skills:
+                (out_dir / skill).mkdir(exist_ok=True)
+                for file in run.list_files("images", skill):
+                    for row in _rows(run, file):
                         name = f"{skill}/{row['image_id']}.png"
                         (out_dir / name).write_bytes(png_bytes_of(row["image"]))
                         entry = {"file_name": name, "text": row["prompt"], "skill": skill,
                                  "prompt_id": row["prompt_id"], "image_id": row["image_id"], "seed": row["seed"]}
                         metadata.write(json.dumps(entry) + "\n")
                         count += 1
-    os.replace(temporary, metadata_path)
+        os.replace(temporary, metadata_path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return count
+
+
+def _rows(run: RunDir, file: str):
+    try:
+        for batch in pq.ParquetFile(file, filesystem=run.fs).iter_batches(batch_size=64):
+            yield from batch.to_pylist()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise run.damaged(file, err) from None

@@ -255,9 +255,7 @@ def batched_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
 
 
 def _rows_written(run: RunDir) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.read_metadata(f, filesystem=run.fs).num_rows for f in run.list_files("images"))
+    return sum(run.parquet_rows(f) for f in run.list_files("images"))
 
 
 def _failed_image_ids(run: RunDir) -> set[str]:

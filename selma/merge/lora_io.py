@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from selma.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,7 +63,7 @@ HEADER_CONFIG_FIELDS = (
 )
 
 
-class LoraFormatError(ValueError):
+class LoraFormatError(InputError):
     """A LoRA file or adapter that this module cannot read or write; the message names the path or layer."""
 
 

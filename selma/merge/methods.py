@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
+from selma.errors import InputError
 from selma.merge.lora_io import LoraAdapter, LoraFile, LoraLayer, atomic_write, write_lora
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ FUSED_DIR_NAME = "fused"
 MAJORITY_SIGN_METHODS = ("total", "frequency")
 
 
-class MergeError(ValueError):
+class MergeError(InputError):
     """Experts or options that cannot be merged; the message names the experts involved."""
 
 

@@ -10,7 +10,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from selma.rundir import RunDir
+from selma.rundir import RunDir, RunDirError
 
 
 def run_merge_stage(config, run: RunDir, progress=print) -> dict:
@@ -19,7 +19,7 @@ def run_merge_stage(config, run: RunDir, progress=print) -> dict:
     names = config.expert_names
     missing = [s for s in names if not run.exists("experts", s)]
     if missing:
-        raise RuntimeError(f"merge: no trained expert for skill(s) {missing} in {run.uri}; run `selma train` first")
+        raise RunDirError(f"{run.uri_of('experts')}: no trained expert for skill(s) {missing}; run `selma train` first")
     merge = config.merge
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="selma-merge-") as out:
         experts = {s: stack.enter_context(run.local_copy(f"experts/{s}")) for s in names}
@@ -90,7 +90,7 @@ def merge_main(argv: list[str] | None = None) -> int:
             options=options, fuse_into=args.fuse_into, fused_dtype=args.fused_dtype,
         )
     except (MergeError, LoraFormatError) as err:
-        print(f"{parser.prog}: {err}", file=sys.stderr)
+        print(f"selma: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report, indent=2))

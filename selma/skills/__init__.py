@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from selma.errors import InputError
+
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 DEFAULT_INSTRUCTION = (
@@ -28,7 +30,7 @@ REQUIRED_PLACEHOLDERS = ("{examples}", "{num_candidates}")
 VOCABULARY_SLOT = re.compile(r"^[a-z_]+$")
 
 
-class SkillError(ValueError):
+class SkillError(InputError):
     """A skill definition that cannot be used."""
 
 

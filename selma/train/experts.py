@@ -251,7 +251,6 @@ def _progress_actor_class():
 
 def fit_expert(job: ExpertJob) -> dict:
     """Build and run one skill's TorchTrainer (called inside a Ray task)."""
-    import pyarrow.parquet as pq
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -262,7 +261,7 @@ def fit_expert(job: ExpertJob) -> dict:
     quiet_ray_data()
     run = RunDir(job.run_uri)
     files = [f for skill in job.skills for f in run.list_files("images", skill)]
-    rows = sum(pq.read_metadata(f, filesystem=run.fs).num_rows for f in files)
+    rows = sum(run.parquet_rows(f) for f in files)
     samples = job.max_steps * job.batch_size * job.gradient_accumulation_steps * job.num_workers
     plan = epoch_plan(files, max(1, math.ceil(samples / max(rows, 1))), derived_seed(job.seed, job.skill, "epochs"))
     dataset = ray.data.from_items(plan, override_num_blocks=min(len(plan), 1000)).map_batches(
@@ -337,7 +336,7 @@ def preflight_train(config) -> None:
     try:
         check_lora_targets(config.model, LoraSettings.from_config(config.train))
     except ValueError as err:
-        raise ConfigError(f"invalid config:\n  {err}") from None
+        raise ConfigError(f"{err}") from None
 
 
 def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5.0) -> dict:

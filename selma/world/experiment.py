@@ -84,11 +84,11 @@ def check_experiment(config, arms: tuple[str, ...]) -> None:
         for skill in config.skills.names:
             skill_kind(skill)
     except ValueError as err:
-        raise ConfigError(f"invalid config:\n  skills.names: {err}") from None
+        raise ConfigError(f"skills.names: {err}") from None
     if config.train.mode != "experts":
-        raise ConfigError("invalid config:\n  train.mode: the experiment trains experts (the joint arm is one of its arms)")
+        raise ConfigError("train.mode: the experiment trains experts (the joint arm is one of its arms)")
     if config.eval.vqa.backend != "world":
-        raise ConfigError("invalid config:\n  eval.vqa.backend: the experiment scores with the exact evaluator (world)")
+        raise ConfigError("eval.vqa.backend: the experiment scores with the exact evaluator (world)")
 
 
 # --------------------------------------------------------------------------- derived training data
@@ -135,7 +135,7 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
     Returns the run's config, whose skills are those left with enough images to train on (the
     evaluator may accept too few of a skill's images), or None when no skill is.
     """
-    from selma.pipeline import open_run, stage_hashes
+    from selma.pipeline import record_config, stage_hashes
 
     transform = {"joint": lambda table: table, "filtered": filtered_images, "ground_truth": ground_truth_images}[name]
     tables = {}
@@ -153,14 +153,17 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
     if len(enough) < len(tables):
         progress(f"[world] {name}: {sorted(set(tables) - set(enough))} have fewer than {least} images; not trained")
     config = _with(config, skills__names=enough)
-    run = open_run(config)
+    run = RunDir(config.resolved_run_dir())
     hashes = stage_hashes(config)
-    if not run.is_committed("images", hashes["images"]):
-        run.discard_stage("images")
-        run.begin_stage("images", hashes["images"])
-        for skill in enough:
-            run.write_table(f"images/{skill}/part-0.parquet", tables[skill])
-        run.commit_stage("images", counts={s: t.num_rows for s, t in tables.items()}, source=source.uri, derived=name)
+    with run.lock():
+        if not run.is_committed("images", hashes["images"]):
+            run.discard_stage("images")
+            record_config(run, config)
+            run.begin_stage("images", hashes["images"])
+            for skill in enough:
+                run.write_table(f"images/{skill}/part-0.parquet", tables[skill])
+            run.commit_stage("images", counts={s: t.num_rows for s, t in tables.items()}, source=source.uri,
+                             derived=name)
     return config
 
 

@@ -1,4 +1,4 @@
-"""A random diffusers-format LoRA for serving tests (imported by the tests in this folder)."""
+"""A random diffusers-format LoRA for tests (serving, merging, run directories)."""
 
 
 def write_random_lora(base_model: str, out_dir, seed: int = 0) -> str:
