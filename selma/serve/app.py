@@ -3,14 +3,16 @@ merged adapter and each expert, side by side on the same replicas.
 
 Two deployments:
 
-* ``ImagesAPI`` — the FastAPI ingress: authentication, validation, OpenAI-shaped errors, metrics.
-  Cheap; it never touches the model.
+* ``ImagesAPI`` — the FastAPI ingress: authentication, validation (prompt lengths in tokens
+  included: it holds copies of the pipeline's tokenizers), OpenAI-shaped errors, metrics. Cheap;
+  it never touches the model.
 * ``ImageModel`` — one diffusion pipeline per replica (``num_gpus=gpus_per_replica``), with
   autoscaling when ``serve.autoscaling`` is set. The request's ``model`` picks a LoRA adapter through
   ``@serve.multiplexed``: each replica keeps the ``serve.max_loaded_adapters`` most recently used
   adapters loaded (LRU), and Serve routes a request to a replica that already holds its adapter.
   Requests are collected by ``@serve.batch``; inside a batch, requests that agree on adapter,
-  steps, guidance, size and negative prompt are drawn by a single pipeline call.
+  steps, guidance, size and negative prompt are drawn by a single pipeline call. If that call fails,
+  each of its requests is drawn alone, so a bad request fails by itself.
 
 Endpoints: ``POST /v1/images/generations``, ``GET /v1/models``, ``GET /healthz`` (no auth, no
 model call) and ``GET /debug/batching`` (one model replica's batching counters). Metrics go to
@@ -27,6 +29,10 @@ different batch composition can change pixels by float rounding.
 
 For ``serve run`` / ``serve deploy``: ``selma.serve.app:app_builder`` with ``run_dir`` (and optional
 config overrides) as arguments; ``cluster/serve.yaml`` is a Serve config that uses it.
+
+Authentication fails closed (:func:`resolve_api_key`): an app whose ``serve.api_key_env`` names an
+unset or empty variable, or that would listen beyond loopback without a key (unless
+``serve.allow_unauthenticated``), is refused when it is built.
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real ``Request`` class on the
@@ -34,6 +40,7 @@ config overrides) as arguments; ``cluster/serve.yaml`` is a Serve config that us
 import asyncio
 import base64
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
@@ -187,6 +194,24 @@ def resolve_job(request: ImageGenerationRequest, limits: Limits, native: int) ->
     )
 
 
+def check_prompt_tokens(job: ImageJob, tokenizers) -> None:
+    """Refuse a prompt or negative prompt longer, in tokens, than a text encoder of the pipeline takes.
+
+    The model deployment refuses such prompts too (``ImageGenerator.check_prompt_lengths``, the same
+    count with the same tokenizer), but only inside a batch; diffusers silently truncates negative
+    prompts. ``tokenizers``: the pipeline's (``tokenizer``, and ``tokenizer_2`` for SDXL).
+    """
+    for param, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+        if not text:
+            continue
+        for tokenizer in tokenizers:
+            limit = tokenizer.model_max_length
+            length = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+            if length > limit:
+                raise ApiError(400, f"{param} is {length} tokens; this model takes at most {limit}", param=param,
+                               code="string_above_max_length")
+
+
 def group_jobs(jobs: list[ImageJob]) -> list[list[int]]:
     """Indices of ``jobs`` grouped by what can share one pipeline call, in first-seen order."""
     groups: dict[tuple, list[int]] = {}
@@ -236,7 +261,13 @@ class ImageModel:
         self.pipeline_calls = 0
 
     def describe(self) -> dict:
-        return {"native_size": self.generator.resolution}
+        """What the ingress checks requests against: the native size, and the tokenizers whose
+        limits the pipeline enforces (none when the generator truncates long prompts)."""
+        pipe = self.generator.pipe
+        tokenizers = [] if self.generator.settings.truncate_long_prompts else [
+            tokenizer for tokenizer in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
+            if tokenizer is not None]
+        return {"native_size": self.generator.resolution, "tokenizers": tokenizers}
 
     def batching_stats(self) -> dict:
         return {"requests_per_batch": dict(self.requests_per_batch), "batches": sum(self.requests_per_batch.values()),
@@ -301,26 +332,39 @@ class ImageModel:
         return await asyncio.to_thread(self._draw, jobs)
 
     def _draw(self, jobs: list[ImageJob]) -> list[list[bytes] | Exception]:
-        from selma.images.generator import png_bytes
-
+        """Each job's PNGs, or the exception that job alone failed with."""
         results: list[list[bytes] | Exception] = [None] * len(jobs)
         for indices in group_jobs(jobs):
-            first = jobs[indices[0]]
-            prompts = [jobs[i].prompt for i in indices for _ in jobs[i].seeds]
-            seeds = [seed for i in indices for seed in jobs[i].seeds]
-            self.pipeline_calls += 1
-            try:
-                with self.pipe_lock:
-                    self._activate(first.model)
-                    images = iter(self.generator.generate(
-                        prompts, seeds, steps=first.steps, guidance_scale=first.guidance_scale, size=first.size,
-                        negative_prompt=first.negative_prompt))
-                for i in indices:
-                    results[i] = [png_bytes(next(images)) for _ in jobs[i].seeds]
-            except Exception as err:  # fails this group's requests only
-                for i in indices:
-                    results[i] = err
+            for i, outcome in zip(indices, self._draw_group([jobs[i] for i in indices])):
+                results[i] = outcome
         return results
+
+    def _draw_group(self, group: list[ImageJob]) -> list[list[bytes] | Exception]:
+        """Jobs sharing a ``call_key`` in one pipeline call. If the call fails, each job is drawn
+        alone, so one bad request (a prompt the pipeline refuses, an image that is not finite)
+        fails by itself and the others get their images."""
+        from selma.images.generator import png_bytes
+
+        first = group[0]
+        self.pipeline_calls += 1
+        try:
+            with self.pipe_lock:
+                try:
+                    self._activate(first.model)
+                except Exception as err:  # the adapter, not any request, is at fault: no retry
+                    return [err] * len(group)
+                images = self.generator.generate(
+                    [job.prompt for job in group for _ in job.seeds], [seed for job in group for seed in job.seeds],
+                    steps=first.steps, guidance_scale=first.guidance_scale, size=first.size,
+                    negative_prompt=first.negative_prompt)
+            pngs = iter(images)
+            return [[png_bytes(next(pngs)) for _ in job.seeds] for job in group]
+        except Exception as err:
+            if len(group) == 1:
+                return [err]
+            logger.warning("a pipeline call for %d requests failed (%s: %s); drawing each alone",
+                           len(group), type(err).__name__, err)
+            return [self._draw_group([job])[0] for job in group]
 
 
 def image_model_deployment(max_loaded_adapters: int):
@@ -383,7 +427,8 @@ class ImagesAPI:
         self.model = model
         self.limits = limits
         self.api_key = api_key
-        self.native_size: int | None = None
+        self.model_info: dict | None = None  # ImageModel.describe(), asked once
+        self.model_info_lock = asyncio.Lock()
         self.metrics = RequestMetrics()
 
     def _authorize(self, request: Request) -> None:
@@ -394,10 +439,11 @@ class ImagesAPI:
             raise ApiError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    async def _native_size(self) -> int:
-        if self.native_size is None:
-            self.native_size = (await self.model.describe.remote())["native_size"]
-        return self.native_size
+    async def _model_info(self) -> dict:
+        async with self.model_info_lock:
+            if self.model_info is None:
+                self.model_info = await self.model.describe.remote()
+        return self.model_info
 
     @api.post("/v1/images/generations", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ImageGenerationRequest.model_json_schema()}}}})
@@ -406,8 +452,10 @@ class ImagesAPI:
         try:
             self._authorize(request)
             parsed = parse_request(await request.body())
-            job = resolve_job(parsed, self.limits, await self._native_size())
+            info = await self._model_info()
+            job = resolve_job(parsed, self.limits, info["native_size"])
             model = job.model
+            check_prompt_tokens(job, info["tokenizers"])
             images = await self._generate(job)
         except ApiError as err:
             self.metrics.record(model, err.status)
@@ -453,14 +501,68 @@ class ImagesAPI:
 # --------------------------------------------------------------------------- building and running
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1: reachable from this machine only."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # another host name, "0.0.0.0", "::": reachable from elsewhere
+
+
+def resolve_api_key(serve_config, host: str | None) -> str | None:
+    """The bearer token the app requires (None: none), read here, in the process that builds the app.
+
+    Fails closed (:class:`~selma.config.ConfigError`):
+
+    * ``serve.api_key_env`` names a variable that is unset, empty or blank;
+    * no key is configured and ``host`` — where Serve's HTTP proxy listens, ``None`` if that is not
+      known here — is not a loopback address, unless ``serve.allow_unauthenticated``.
+    """
+    from selma.config import ConfigError
+
+    name = serve_config.api_key_env
+    if name:
+        value = os.environ.get(name)
+        if value is None or not value.strip():
+            state = "not set" if value is None else "empty"
+            raise ConfigError(
+                f"serve.api_key_env: names the environment variable {name}, which is {state} in the process that "
+                f"builds the Serve app; set {name} to the API key clients must send (on Kubernetes: from a Secret), "
+                "or drop serve.api_key_env")
+        return value.strip()  # a key read from a file often ends in a newline; tokens are compared stripped
+    if host is not None and is_loopback(host):
+        return None
+    if serve_config.allow_unauthenticated:
+        logger.warning("serving without an API key on %s (serve.allow_unauthenticated): anyone who can reach it "
+                       "can generate images", "an unknown host" if host is None else repr(host))
+        return None
+    fix = ("set serve.api_key_env to an environment variable holding the key (e.g. serve.api_key_env=SELMA_API_KEY), "
+           "or set serve.allow_unauthenticated=true to serve without authentication on purpose")
+    if host is None:
+        raise ConfigError(
+            "serve.api_key_env: not set, and where Serve's HTTP proxy listens is not known where the app is built "
+            f"(serve run / serve deploy take it from their own http_options), so it may be reachable by anyone; {fix}")
+    raise ConfigError(
+        f"serve.host: {host!r} is reachable from other machines (for serve run / serve deploy: their "
+        f"http_options.host) and no API key is configured; {fix}, or listen on a loopback address (127.0.0.1)")
+
+
+_CONFIG_HOST = object()  # build_app's default: serve_config.host
+
+
 def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None = None,
-              default_model: str = BASE_MODEL_NAME, default_steps: int,
-              guidance_scale: float = 7.5) -> serve.Application:
+              default_model: str = BASE_MODEL_NAME, default_steps: int, guidance_scale: float = 7.5,
+              host=_CONFIG_HOST) -> serve.Application:
     """The Serve application for ``base_model`` and its LoRA ``adapters`` (API name → diffusers-format
     folder); requests without ``model`` get ``default_model``.
 
-    With ``serve_config.api_key_env`` naming an environment variable that is set *here* (in the
-    process that builds the app), every endpoint but ``/healthz`` requires ``Bearer <its value>``.
+    With ``serve_config.api_key_env`` naming an environment variable, every endpoint but
+    ``/healthz`` requires ``Bearer <its value>``, read *here* (in the process that builds the app).
+    ``host`` is where Serve's HTTP proxy will listen (default ``serve_config.host``; ``None``: not
+    known here); see :func:`resolve_api_key` for what is refused (ConfigError).
     """
     adapters = {name: str(path) for name, path in (adapters or {}).items()}
     if BASE_MODEL_NAME in adapters:
@@ -470,7 +572,7 @@ def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None 
         raise ValueError(f"serve.model {default_model!r} is not among the models served: {models}")
     if default_steps > serve_config.max_steps:
         raise ValueError(f"default_steps ({default_steps}) exceeds serve.max_steps ({serve_config.max_steps})")
-    api_key = os.environ.get(serve_config.api_key_env) if serve_config.api_key_env else None
+    api_key = resolve_api_key(serve_config, serve_config.host if host is _CONFIG_HOST else host)
     scaling = serve_config.autoscaling
     replica_options = ({"autoscaling_config": scaling.model_dump()} if scaling is not None
                        else {"num_replicas": serve_config.num_replicas})
@@ -506,7 +608,7 @@ def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None 
         ray_actor_options={"num_cpus": INGRESS_CPUS},
         max_ongoing_requests=2 * model_capacity,
         max_queued_requests=2 * model_capacity,
-    ).bind(model, limits=limits, api_key=api_key or None)
+    ).bind(model, limits=limits, api_key=api_key)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -514,6 +616,12 @@ def app_builder(args: dict) -> serve.Application:
 
     ``run_dir`` names a finished run; every other argument is a config override (``key.sub=value``)
     on top of the run's own config.
+
+    ``serve.host`` does not apply here: Serve's HTTP proxy listens where the Serve config's (or
+    ``serve run``'s) ``http_options`` say. Under ``serve deploy`` (and a RayService) the app is built
+    in a task on the cluster, where the running proxy's host is asked for; where it is not known
+    (``serve run IMPORT_PATH`` builds before Serve starts) an API key is required unless
+    ``serve.allow_unauthenticated`` is true.
     """
     from selma.serve.run import build_run_app, load_run_config
 
@@ -522,7 +630,24 @@ def app_builder(args: dict) -> serve.Application:
     if not run_dir:
         raise ValueError("app_builder needs run_dir=<a finished selma run directory>")
     config, run = load_run_config(run_dir, values=args)
-    return build_run_app(config, run)
+    return build_run_app(config, run, host=proxy_host())
+
+
+def proxy_host() -> str | None:
+    """Where Serve's HTTP proxy listens in the Ray cluster this process is connected to; None when
+    that is not known here (Ray not initialized, Serve not running, the controller not answering).
+    Never starts or connects to Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return ray.get(controller.get_http_config.remote(), timeout=30).host
+    except Exception:  # no controller, a dying one, a timeout: unknown, which fails closed
+        return None
 
 
 def _serve_running() -> bool:

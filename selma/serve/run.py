@@ -13,7 +13,7 @@ def load_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = (), v
     run = RunDir(run_dir)
     data = run.manifest().get("config")
     if data is None:
-        raise ConfigError(f"{run_dir} has no run.json; is it a selma run directory?")
+        raise ConfigError(f"{run_dir}: no run.json; is it a selma run directory?")
     for text in overrides:
         apply_override(data, *parse_override(text))
     for key, value in (values or {}).items():
@@ -37,13 +37,16 @@ def run_adapters(config, run: RunDir) -> dict[str, str]:
     return adapters
 
 
-def build_run_app(config, run: RunDir):
+def build_run_app(config, run: RunDir, **options):
+    """The Serve app for a run; ``options``: more :func:`selma.serve.app.build_app` arguments (``host``)."""
+    from selma.config import ConfigError
     from selma.serve.app import BASE_MODEL_NAME, build_app
 
     adapters = run_adapters(config, run)
     if config.serve.model != BASE_MODEL_NAME and config.serve.model not in adapters:
         hint = "; run `selma run` first or serve --model base" if config.serve.model == "merged" else ""
-        raise RuntimeError(f"{run.uri} has no {config.serve.model!r} to serve (it has {[BASE_MODEL_NAME, *adapters]}){hint}")
+        raise ConfigError(f"serve.model: {run.uri} has no {config.serve.model!r} to serve "
+                          f"(it has {[BASE_MODEL_NAME, *adapters]}){hint}")
     return build_app(
         config.serve,
         base_model=config.model,
@@ -51,17 +54,22 @@ def build_run_app(config, run: RunDir):
         default_model=config.serve.model,
         default_steps=config.serve.default_steps or config.images.steps,
         guidance_scale=config.images.guidance_scale,
+        **options,
     )
 
 
 def serve_run_dir(config, run: RunDir, *, blocking: bool = True):
     from selma.raylib import init_ray
-    from selma.serve.app import serve_run
+    from selma.serve.app import proxy_host, serve_run
 
-    app = build_run_app(config, run)
+    app = build_run_app(config, run)  # refuses a bad config or a missing key before Ray starts
     if blocking:
         _stop_on_signals()
     init_ray(config.ray)
+    running = proxy_host()
+    if running is not None and running != config.serve.host:
+        # Serve already runs in this cluster and its proxy keeps its own host: check against that one.
+        app = build_run_app(config, run, host=running)
     return serve_run(app, config.serve.host, config.serve.port, blocking=blocking)
 
 

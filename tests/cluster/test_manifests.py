@@ -375,6 +375,40 @@ def test_serve_configs_mirror_cluster_serve_yaml():
         assert serve_config(render("overlays/sd2")) == reference
 
 
+def _requires_a_key(app: dict, where: str) -> str:
+    """The variable a Serve app's args name as serve.api_key_env (they must: it listens on 0.0.0.0)."""
+    args = app["args"]
+    variable = args.get("serve.api_key_env")
+    assert variable, f"{where}: the Serve app names no serve.api_key_env"
+    assert not args.get("serve.allow_unauthenticated"), f"{where}: serves without authentication"
+    return variable
+
+
+def test_cluster_serve_yaml_requires_an_api_key():
+    from selma.serve.app import is_loopback
+
+    reference = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
+    assert not is_loopback(reference["http_options"]["host"]), "then no key would be needed"
+    _requires_a_key(reference["applications"][0], "cluster/serve.yaml")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rayservice_requires_an_api_key_from_a_secret(target):
+    """serveConfigV2 names serve.api_key_env, and every Ray container of the RayService (the app is
+    built in a Ray task, on the head or a worker) gets that variable from a required Secret key."""
+    docs = render(target)
+    [app] = serve_config(docs)["applications"]
+    variable = _requires_a_key(app, f"{target} serveConfigV2")
+    for pod, spec in pod_specs(one(docs, "RayService")["spec"]["rayClusterConfig"]).items():
+        for container in spec["containers"]:
+            where = f"{target}: RayService {pod}/{container['name']}"
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert variable in env, f"{where} does not get {variable}"
+            ref = env[variable].get("valueFrom", {}).get("secretKeyRef")
+            assert ref and ref.get("name") and ref.get("key"), f"{where}: {variable} is not read from a Secret"
+            assert not ref.get("optional"), f"{where}: an optional Secret lets the pod start without a key"
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_cluster_shapes(target):
     docs = render(target)

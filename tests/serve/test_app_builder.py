@@ -8,6 +8,7 @@ import yaml
 from lora_helpers import write_random_lora
 
 SERVE_YAML = Path(__file__).parents[2] / "cluster" / "serve.yaml"
+KEY_ENV = "SELMA_TEST_BUILDER_API_KEY"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_app_builder_takes_the_run_and_typed_overrides(finished_run):
     from selma.serve.app import app_builder
     from selma.serve.run import load_run_config
 
-    app = app_builder({"run_dir": str(finished_run), "serve.model": "expert-coco",
+    app = app_builder({"run_dir": str(finished_run), "serve.model": "expert-coco", "serve.allow_unauthenticated": True,
                        "serve.autoscaling": {"min_replicas": 1, "max_replicas": 3}, "serve.max_batch_size": "2"})
     assert isinstance(app, Application)
     config, _ = load_run_config(str(finished_run), values={"serve.autoscaling": {"max_replicas": 3},
@@ -57,12 +58,39 @@ def test_app_builder_names_what_is_wrong(finished_run):
 
     with pytest.raises(ValueError, match="needs run_dir"):
         app_builder({})
-    with pytest.raises(RuntimeError, match=r"no 'expert-countbench' to serve .*'expert-coco'"):
+    with pytest.raises(ConfigError, match=r"^serve\.model: .* no 'expert-countbench' to serve .*'expert-coco'"):
         app_builder({"run_dir": str(finished_run), "serve.model": "expert-countbench"})
     with pytest.raises(ConfigError, match="serve.max_batch_size"):
         app_builder({"run_dir": str(finished_run), "serve.max_batch_size": 0})
     with pytest.raises(ConfigError, match="no run.json"):
         app_builder({"run_dir": str(finished_run / "nothing")})
+
+
+def test_app_builder_fails_closed_without_a_key(finished_run, monkeypatch):
+    """Without Ray (``serve run IMPORT_PATH`` builds before Serve starts) the proxy's host is not
+    known here: a key is required unless serve.allow_unauthenticated."""
+    from ray.serve import Application
+
+    from selma.config import ConfigError
+    from selma.serve.app import app_builder, proxy_host
+
+    if proxy_host() is not None:
+        pytest.skip("a Serve instance runs in this session's Ray")
+    args = {"run_dir": str(finished_run)}
+    with pytest.raises(ConfigError, match=r"^serve\.api_key_env: not set, .*serve\.allow_unauthenticated=true"):
+        app_builder(args)
+    assert isinstance(app_builder({**args, "serve.allow_unauthenticated": "true"}), Application)
+
+    keyed = {**args, "serve.api_key_env": KEY_ENV}
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ConfigError, match=rf"^serve\.api_key_env: names the environment variable {KEY_ENV}, "
+                                          "which is not set"):
+        app_builder(keyed)
+    monkeypatch.setenv(KEY_ENV, " ")
+    with pytest.raises(ConfigError, match=rf"{KEY_ENV}, which is empty"):
+        app_builder({**keyed, "serve.allow_unauthenticated": True})
+    monkeypatch.setenv(KEY_ENV, "k")
+    assert isinstance(app_builder(keyed), Application)
 
 
 def test_the_shipped_serve_config_is_a_valid_serve_deploy_file():
@@ -78,4 +106,6 @@ def test_the_shipped_serve_config_is_a_valid_serve_deploy_file():
     for key, value in application.args.items():  # every other arg is a selma override
         if key != "run_dir":
             apply_override(data, key.split("."), value)
-    assert build_config(data).serve.autoscaling.max_replicas == 4
+    serve = build_config(data).serve
+    assert serve.autoscaling.max_replicas == 4
+    assert serve.api_key_env and not serve.allow_unauthenticated, "it listens on 0.0.0.0: a key is required"

@@ -1,5 +1,6 @@
 """The OpenAI Images API on Ray Serve, against a tiny random pipeline with two LoRA adapters
-multiplexed beside the base model (one adapter loaded per replica at a time, so the LRU evicts)."""
+multiplexed beside the base model (one adapter loaded per replica at a time, so the LRU evicts).
+Ray-free checks of the same module are in test_app_core.py."""
 
 import asyncio
 import base64
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from lora_helpers import write_random_lora
 
+pytestmark = pytest.mark.slow  # one Serve instance for the module
 API_KEY = "test-key-123"
 API_KEY_ENV = "SELMA_TEST_SERVE_API_KEY"
 MODEL_NAME = "selma-test"
@@ -178,6 +180,8 @@ def test_a_lora_that_loads_nothing_is_refused(server, tmp_path):
 
 
 LONG_PROMPT = "a " * 150
+TOKEN_LIMIT = 77  # the tiny CLIP tokenizer's, as SD's
+OVER_TOKEN_LIMIT = "a " * 80  # 160 characters (under max_prompt_chars), 82 tokens
 BAD_REQUESTS = [
     # (name, body, status, param, code)
     ("not json", b"prompt=cat", 400, None, "invalid_json"),
@@ -190,6 +194,9 @@ BAD_REQUESTS = [
     ("prompt too long", {"prompt": LONG_PROMPT}, 400, "prompt", "string_above_max_length"),
     ("negative prompt too long", {"prompt": "a cat", "negative_prompt": LONG_PROMPT}, 400, "negative_prompt",
      "string_above_max_length"),
+    ("prompt over the token limit", {"prompt": OVER_TOKEN_LIMIT}, 400, "prompt", "string_above_max_length"),
+    ("negative prompt over the token limit", {"prompt": "a cat", "negative_prompt": OVER_TOKEN_LIMIT}, 400,
+     "negative_prompt", "string_above_max_length"),
     ("unknown model", {"prompt": "a cat", "model": "dall-e-3"}, 404, "model", "model_not_found"),
     ("n zero", {"prompt": "a cat", "n": 0}, 400, "n", "invalid_value"),
     ("n too large", {"prompt": "a cat", "n": 5}, 400, "n", "invalid_value"),
@@ -220,11 +227,22 @@ def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(server, n
     assert server.get("/v1/models").status_code == 200
 
 
+def test_a_prompt_over_the_token_limit_gets_400_naming_the_limit(server):
+    response = server.post({"prompt": OVER_TOKEN_LIMIT, "n": 2})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt"
+    assert error["message"] == f"prompt is 82 tokens; this model takes at most {TOKEN_LIMIT}"
+
+
 def test_api_key_is_required_except_for_health(server):
-    for key in (None, "wrong-key"):
-        for response in (server.post({"prompt": "a cat"}, key=key), server.get("/v1/models", key=key)):
+    for key in (None, "wrong-key", f"{API_KEY}x", API_KEY[:-1]):
+        for response in (server.post({"prompt": "a cat"}, key=key), server.get("/v1/models", key=key),
+                         server.get("/debug/batching", key=key)):
             assert response.status_code == 401, response.text
             assert response.json()["error"]["code"] == "invalid_api_key"
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert server.get("/v1/models", key=API_KEY).status_code == 200
     health = server.get("/healthz", key=None)
     assert health.status_code == 200 and health.json()["models"] == [MODEL_NAME, "base", OTHER_MODEL]
 
@@ -237,15 +255,31 @@ def test_unknown_route_gets_an_openai_shaped_404_and_the_schema_is_published(ser
     assert "prompt" in json.dumps(schema["paths"]["/v1/images/generations"])
 
 
-def test_a_taken_port_fails_fast():
-    from selma.serve.app import _ensure_port_free
+def test_app_builder_in_the_cluster_checks_where_the_running_proxy_listens(server, tmp_path):
+    """As under `serve deploy` (and a RayService): app_builder runs in a Ray task while Serve runs,
+    asks the controller where the proxy listens (127.0.0.1 here: no key needed), and refuses a
+    named key variable that the cluster's processes do not have."""
+    import ray
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        with pytest.raises(RuntimeError, match="cannot serve on"):
-            _ensure_port_free("127.0.0.1", taken.getsockname()[1])
-    _ensure_port_free("127.0.0.1", _free_port())
+    from selma.config import ConfigError, load_config
+    from selma.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    config = load_config("tiny", [f"run_dir={run_dir}"])
+    RunDir(str(run_dir)).update_manifest(config=config.model_dump(mode="json"), stages={})
+
+    @ray.remote(num_cpus=0)
+    def build(args):
+        from selma.serve.app import app_builder, proxy_host
+
+        app_builder(args)
+        return proxy_host()
+
+    args = {"run_dir": str(run_dir), "serve.model": "base"}
+    assert ray.get(build.remote(args)) == "127.0.0.1"
+    with pytest.raises(ConfigError, match="serve.api_key_env: names the environment variable "
+                                          "SELMA_TEST_UNSET_API_KEY, which is not set"):
+        ray.get(build.remote({**args, "serve.api_key_env": "SELMA_TEST_UNSET_API_KEY"}))
 
 
 async def _post_many(server: Server, bodies: list[dict], at_once: int | None = None):
@@ -318,19 +352,6 @@ def test_overload_gets_503_and_the_server_recovers(server):
         if response.status_code == 503:
             assert response.json()["error"]["code"] == "overloaded"
     assert server.images(seed=1)[0].shape == (64, 64, 3)
-
-
-def test_group_jobs_shares_a_call_only_when_every_parameter_agrees():
-    from selma.serve.app import ImageJob, group_jobs
-
-    def job(**changes):
-        fields = dict(model="merged", prompt="p", seeds=(1,), steps=4, guidance_scale=7.5, size=64,
-                      negative_prompt=None)
-        return ImageJob(**{**fields, **changes})
-
-    jobs = [job(), job(prompt="other", seeds=(5, 6)), job(steps=5), job(guidance_scale=1.0), job(size=128),
-            job(negative_prompt="blurry"), job(seeds=(9,)), job(model="base")]
-    assert group_jobs(jobs) == [[0, 1, 6], [2], [3], [4], [5], [7]]
 
 
 def test_a_killed_model_replica_is_replaced_and_later_requests_succeed(server):
