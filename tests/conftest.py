@@ -1,6 +1,22 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
+
+# Fast tests (not marked slow) must not start Ray: see tests/_ray_guard/sitecustomize.py.
+RAY_GUARD_DIR = Path(__file__).parent / "_ray_guard"
+RAY_FIXTURES = ("ray_local", "selma_server")
+
+
+def _load_ray_guard():
+    spec = importlib.util.spec_from_file_location("selma_test_ray_guard", RAY_GUARD_DIR / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ray_guard = _load_ray_guard()
 
 
 def pytest_configure(config):
@@ -10,6 +26,7 @@ def pytest_configure(config):
 
         os.environ["SELMA_CACHE"] = tempfile.mkdtemp(prefix="selma-test-cache-")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ray_guard.install()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,6 +38,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Around every test not marked slow (its fixtures included): Ray refuses to start or connect,
+    in this process and in the Python subprocesses the test starts."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in (ray_guard.ENV, "PYTHONPATH")}
+    os.environ[ray_guard.ENV] = item.nodeid
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(RAY_GUARD_DIR), saved["PYTHONPATH"]]))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("slow") is None:
+        uses = [name for name in RAY_FIXTURES if name in item.fixturenames]
+        if uses:
+            pytest.fail(f"this test starts Ray (fixture {', '.join(uses)}); mark it @pytest.mark.slow", pytrace=False)
 
 
 @pytest.fixture(scope="session")

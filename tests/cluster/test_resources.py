@@ -4,6 +4,8 @@ import pytest
 
 from selma.config import load_config
 
+pytestmark = pytest.mark.slow  # every test here runs on a local Ray
+
 
 def test_experts_that_cannot_fit_fail_fast_unless_told_how_many_run_at_once(ray_local):
     from selma.train.experts import expert_resources, experts_at_once

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pytest
 
 from selma.config import load_config
 from selma.eval.dsg import load_dsg1k
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "prompts"))
 from openai_server import FakeOpenAI  # noqa: E402
 from shared_data import BENCHMARKS, needs_benchmarks  # noqa: E402
 
-pytestmark = needs_benchmarks
+pytestmark = [pytest.mark.slow, needs_benchmarks]  # runs on a local Ray
 
 DSG_CSV = BENCHMARKS / "dsg-1k-anns.csv"
 ITEMS = ["whoops_5", "countbench_10", "tifa160_7", "localized_narratives_72", "vrd_3", "midjourney_20"]

@@ -127,3 +127,30 @@ def test_truncated_completions_lose_only_their_last_line():
     (_, rows), = loop.add([Completion(1, 0, text, truncated=True)])
     assert [r.prompt for r in rows] == ["A red kite above a quiet beach today", "Two dogs chasing a ball in a park"]
     assert loop.stats.unparseable == 1
+
+
+# One seed, then three candidates: ROUGE-L with the seed 0.7, 0.0 and 0.84 (0.53 with the first).
+THRESHOLD_SEED = "a red bus parked next to a tall brick building"
+THRESHOLD_CANDIDATES = ["a red bus parked next to a small wooden house", "three penguins juggling oranges on an iceberg",
+                        "a red bus parked beside a tall brick building"]
+
+
+@pytest.mark.parametrize("threshold, kept", [
+    (0.3, [1]),  # 0.3 rejects the 0.7 candidate the paper's 0.8 keeps
+    (0.8, [0, 1]),
+    (0.9, [0, 1, 2]),  # 0.9 keeps the 0.84 candidate the paper's 0.8 rejects
+])
+def test_the_loop_filters_with_the_configured_rouge_threshold(threshold, kept):
+    config = load_config("tiny", [f"prompts.rouge_threshold={threshold}", "skills.names=[coco]",
+                                  "prompts.per_skill=100"])
+    assert config.prompts.rouge_threshold == threshold
+    scores = [rouge_l(THRESHOLD_SEED, c) for c in THRESHOLD_CANDIDATES]
+    assert scores[0] == pytest.approx(0.7) and scores[1] == 0 and 0.8 < scores[2] < 0.9
+    loop = SkillLoop(load_registry()["coco"], [THRESHOLD_SEED], [], config.prompts, "scripted")
+    (request,) = loop.requests(1)
+    completion = "\n".join([THRESHOLD_CANDIDATES[0]] + [f"{request.first_index + i}. {text}"
+                                                        for i, text in enumerate(THRESHOLD_CANDIDATES[1:], 1)])
+    (_, rows), = loop.add([Completion(1, 0, completion)])
+    assert [row.prompt for row in rows] == [THRESHOLD_CANDIDATES[i] for i in kept]
+    assert loop.stats.candidates == 3 and loop.stats.rejected_similar == 3 - len(kept)
+    assert loop.pool == [THRESHOLD_SEED] + [THRESHOLD_CANDIDATES[i] for i in kept]

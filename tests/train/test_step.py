@@ -179,3 +179,54 @@ def test_preflight_names_a_missing_module_a_conv_target_and_a_rank_wider_than_a_
         check_lora_targets("tiny:sd", LoraSettings(rank=4, alpha=4, target_modules=("to_q", "conv_out")))
     with pytest.raises(ValueError, match=r"train.rank=128 exceeds the narrowest targeted layer .* \(32 features\)"):
         check_lora_targets("tiny:sd", LoraSettings(rank=128, alpha=128))
+
+
+def _lora_layers(unet, adapter: str = "default") -> dict:
+    """{module path: (rank, alpha, scaling)} of every peft LoRA layer of adapter ``adapter``."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: (module.r[adapter], module.lora_alpha[adapter], module.scaling[adapter])
+            for name, module in unet.named_modules() if isinstance(module, LoraLayer) and adapter in module.r}
+
+
+def test_rank_alpha_and_target_modules_go_from_the_config_to_the_trained_and_saved_expert(tmp_path):
+    """alpha ≠ rank and non-default targets, through what the train stage runs: ExpertJob.from_config →
+    load_training_components → LoraTrainStep → _write_expert, then plain diffusers loads the file."""
+    import json
+
+    from selma.config import load_config
+    from selma.images.generator import load_pipeline
+    from selma.merge.lora_io import read_lora
+    from selma.rundir import RunDir
+    from selma.train.experts import ExpertJob, _write_expert
+
+    config = load_config("tiny", ["train.rank=4", "train.alpha=12", "train.target_modules=[to_k, to_out.0]"])
+    targets = {"to_k", "to_out.0"}
+    assert LoraSettings.from_config(config.train) == LoraSettings(4, 12, "gaussian", ("to_k", "to_out.0"))
+    job = ExpertJob.from_config(config, "coco", RunDir(str(tmp_path / "run")), resolution=64)
+    peft_config = job.lora.peft_config()
+    assert (peft_config.r, peft_config.lora_alpha, set(peft_config.target_modules)) == (4, 12, targets)
+
+    def suffix(name: str) -> str:
+        return "to_out.0" if name.endswith(".to_out.0") else name.rsplit(".", 1)[-1]
+
+    torch.manual_seed(0)
+    components = load_training_components(job.model, job.lora, mixed_precision=job.mixed_precision)
+    layers = _lora_layers(components.unet)
+    assert {suffix(name) for name in layers} == targets
+    assert set(layers.values()) == {(4, 12, 3.0)}  # scaling = alpha / rank
+    trainer = LoraTrainStep(components, job.optimizer, seed=0)
+    loss, stepped = trainer.train_micro_batch(_batch(job.model, job.batch_size))
+    assert stepped
+    _write_expert(job, trainer.lora_state_dict(), [{"step": 1, "loss": loss}])
+
+    expert = tmp_path / "run" / "experts" / "coco"
+    saved = json.loads((expert / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], set(saved["target_modules"])) == (4, 12, targets)
+    adapter = read_lora(expert)
+    assert {suffix(name) for name in adapter.layers} == targets
+    assert {(layer.rank, layer.alpha) for layer in adapter.layers.values()} == {(4, 12.0)}
+    pipe = load_pipeline(job.model, dtype="float32", device="cpu")
+    pipe.load_lora_weights(str(expert), adapter_name="expert")
+    loaded = _lora_layers(pipe.unet, "expert")
+    assert {suffix(name) for name in loaded} == targets and set(loaded.values()) == {(4, 12, 3.0)}

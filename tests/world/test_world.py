@@ -15,6 +15,7 @@ from selma.world import (COLORS, KINDS, SKILL_FILES, SKILL_KINDS, Detection, Ent
                          WorldAccuracyScorer, WorldCaptionError, WorldEvaluator, WorldObject, WorldQuestionError,
                          WorldVQA, caption_of, format_caption, parse_caption, question_rows, questions, render,
                          render_image, sample_scene, sample_scenes, split_of)
+from selma.world.evaluator import answer_question
 from selma.world.scene import BACKGROUND, CANVAS, GAP, MAX_OBJECTS, relation_holds
 
 VARIANTS = {
@@ -331,6 +332,34 @@ def test_a_wrong_colour_is_a_no_that_zeroes_its_dependents():
     scored = score_answers([{**r, "image_id": "i", "correct": float(a == "yes")} for r, a in zip(rows, claimed)])
     assert [r["score"] for r in scored] == [1.0, 0.0, 0.0, 1.0, 1.0]
 
+
+
+def test_a_count_question_is_yes_for_exactly_that_many_and_no_for_more_or_fewer():
+    def circles(red: int) -> list[Detection]:
+        # ``red`` red circles beside a blue circle and a red square, which must not count
+        return ([Detection("red", "circle", 100, (8.0 + 12 * i, 10.0), (0, 0, 0, 0), 1.0) for i in range(red)]
+                + [Detection("blue", "circle", 100, (30.0, 50.0), (0, 0, 0, 0), 1.0),
+                   Detection("red", "square", 100, (50.0, 50.0), (0, 0, 0, 0), 1.0)])
+
+    for asked, word in enumerate(("one", "two", "three", "four"), start=1):
+        question = f"Are there exactly {word} red circles?" if asked > 1 else "Is there exactly one red circle?"
+        answers = {present: answer_question(circles(present), question) for present in range(MAX_OBJECTS + 1)}
+        assert answers == {present: "yes" if present == asked else "no" for present in answers}, question
+
+    # The same through the pixels: three red circles drawn, "two red circles" asked.
+    scene = Scene(tuple(WorldObject("circle", "red", x, y, 14) for x, y in ((14, 16), (48, 16), (31, 46))),
+                  SceneGraph((Entity(3, "red", "circle"),)))
+    image = render(scene, supersample=4)
+    rows = questions("two red circles")
+    assert [r["question"] for r in rows] == ["Are there circles?", "Are the circles red?",
+                                             "Are there exactly two red circles?"]
+    assert EVALUATOR.answer(image, "two red circles", rows) == ["yes", "yes", "no"]
+    assert EVALUATOR.dsg_score(image, "two red circles") == pytest.approx(2 / 3)
+    assert not EVALUATOR.prompt_accuracy(image, "two red circles")
+    assert EVALUATOR.prompt_accuracy(image, "three red circles") and EVALUATOR.dsg_score(image, "three red circles") == 1.0
+    asked = ["Is there exactly one red circle?", "Are there exactly two red circles?",
+             "Are there exactly three red circles?", "Are there exactly four red circles?"]
+    assert WorldVQA().answer([image] * 4, asked) == ["no", "no", "yes", "no"]
 
 def test_the_answerer_refuses_questions_from_elsewhere():
     with pytest.raises(WorldQuestionError):
