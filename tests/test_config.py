@@ -82,7 +82,6 @@ def test_bad_configs_name_the_field(overrides, field):
     assert field in str(info.value)
 
 
-
 BOUNDS = {  # field: (refused values, accepted values at and inside the bounds)
     "prompts.rouge_threshold": ([0, -0.1, 1.5, 1.0001], [1, 0.3, 0.8, 0.001]),
     "images.max_error_rate": ([-0.1, -1, 1.5, 2], [0, 1, 0.05]),
@@ -101,6 +100,7 @@ def test_out_of_range_values_are_refused_naming_the_field(field, value):
 def test_values_within_the_bounds_are_accepted(field, value):
     section, name = field.split(".")
     assert getattr(getattr(load_config("tiny", [f"{field}={value}"]), section), name) == value
+
 
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match="tiny"):

@@ -70,7 +70,7 @@ def test_a_run_directory_in_s3_works_end_to_end(s3, selma_server):
     assert again.stdout.count("already committed") == 4
     assert run.read_table("images").num_rows == 8
 
-    selma(s3, "eval", RUN, "--models", "base,merged", "--limit", "3", f"eval.dsg_annotations={DSG}")
+    selma(s3, "eval", RUN, "--models", "merged", "--limit", "3", f"eval.dsg_annotations={DSG}")
     assert {"run/eval/report.md", "run/eval/report.png", "run/eval/merged/dsg-questions.parquet"} <= set(bucket_keys("run/eval/"))
     assert run.read_json("eval/merged/summary.json")["benchmarks"]["dsg"]["overall"]["items"] == 3
 

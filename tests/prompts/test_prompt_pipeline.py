@@ -89,7 +89,8 @@ def test_an_endpoint_that_refuses_every_request_fails_with_its_reason(ray_local,
         with pytest.raises(RuntimeError, match="all 2 LLM requests failed.*Incorrect API key"):
             run_stages(config, ("prompts",))
     manifest = RunDir(str(tmp_path / "run")).manifest()
-    assert manifest["stages"]["prompts"]["status"] == "running"
+    assert manifest["stages"]["prompts"]["status"] == "failed"
+    assert "Incorrect API key" in manifest["stages"]["prompts"]["error"]
     assert _written(tmp_path / "run", ["coco"])["coco"] == []
 
 
