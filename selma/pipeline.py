@@ -98,8 +98,9 @@ def run_stages(config, names: tuple[str, ...] = STAGE_NAMES, *, restart: bool = 
                 progress(f"[{later}] discarded for --restart")
         if pending:
             record_config(run, config)
+        ran: list[str] = []
         for stage in STAGES:
-            if stage.name not in names:
+            if stage.name not in names or stage.name in ran:
                 continue
             if stage.name not in pending:
                 progress(f"[{stage.name}] already committed in {run.uri}, skipping")
@@ -125,9 +126,7 @@ def run_stages(config, names: tuple[str, ...] = STAGE_NAMES, *, restart: bool = 
                 raise
             for name, result in zip(together, results):
                 run.commit_stage(name, **result)
-            if len(together) == 2:
-                pending.remove("images")
-                names = tuple(n for n in names if n != "images")
+            ran += together
     return summarize(run)
 
 
