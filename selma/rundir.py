@@ -36,6 +36,7 @@ from selma.errors import InputError
 MANIFEST = "run.json"
 LOCK_FILE = ".lock"
 LEASE_FILE = ".lock.json"
+MANIFEST_LOCK_WAIT_S = 30.0
 STAGES = ("prompts", "images", "train", "merge")
 
 
@@ -232,15 +233,22 @@ class RunDir:
     def stage(self, name: str) -> dict:
         return self.manifest().get("stages", {}).get(name, {})
 
+    @contextmanager
+    def _editing_manifest(self) -> Iterator[None]:
+        """A read-modify-write of run.json: under the run's lock (free inside a command, which
+        holds it; else waited for briefly) and, within this process, one thread at a time."""
+        with self.lock("a run.json update", wait_s=MANIFEST_LOCK_WAIT_S), _manifest_guard(self.uri):
+            yield
+
     def update_manifest(self, **fields: Any) -> dict:
-        with _manifest_guard(self.uri):
+        with self._editing_manifest():
             manifest = self.manifest()
             manifest.update(fields)
             self.write_json(MANIFEST, manifest)
             return manifest
 
     def update_stage(self, name: str, **fields: Any) -> dict:
-        with _manifest_guard(self.uri):
+        with self._editing_manifest():
             manifest = self.manifest()
             entry = manifest.setdefault("stages", {}).setdefault(name, {})
             entry.update(fields)
@@ -291,29 +299,38 @@ class RunDir:
         for location in (output, f"_work/{name}", f"errors/{name}"):
             if self.exists(location):
                 self.fs.delete_dir(self.path(location))
-        with _manifest_guard(self.uri):
+        with self._editing_manifest():
             manifest = self.manifest()
             manifest.get("stages", {}).pop(name, None)
             self.write_json(MANIFEST, manifest)
 
     # one writer ----------------------------------------------------------------------------
     @contextmanager
-    def lock(self, command: str | None = None) -> Iterator[None]:
-        """Hold the run directory for one writing command for the duration of the block.
+    def lock(self, command: str | None = None, wait_s: float = 0.0) -> Iterator[None]:
+        """Hold the run directory for one writer for the duration of the block.
 
         A local run takes an advisory ``flock`` on ``RUN/.lock``: the kernel releases it when the
         holder exits, however it exits. An object store has no locks, so a lease object
         ``RUN/.lock.json`` is written and renewed while held; one that expired, or whose holder on
-        this host is gone, is taken over. Another holder raises :class:`RunDirInUse` naming its
-        PID, host, start time and command. Re-entrant within a process.
+        this host is gone, is taken over. Another holder (after ``wait_s`` seconds of retrying)
+        raises :class:`RunDirInUse` naming its PID, host, start time and command. Re-entrant
+        within a process: a command holds it throughout, and its manifest updates nest inside.
         """
         with _HELD_GUARD:
             held = _HELD.get(self.uri)
             if held is not None:
                 held[1] += 1
         if held is None:
-            lock = _FileLock(self) if self.is_local else _Lease(self)
-            lock.acquire(_holder(command))
+            deadline = time.monotonic() + wait_s
+            while True:
+                lock = _FileLock(self) if self.is_local else _Lease(self)
+                try:
+                    lock.acquire(_holder(command))
+                    break
+                except RunDirInUse:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.02 if self.is_local else 1.0)
             with _HELD_GUARD:
                 held = _HELD[self.uri] = [lock, 1]
         try:

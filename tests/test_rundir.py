@@ -153,6 +153,28 @@ def test_a_second_command_is_refused_naming_the_holder_and_a_dead_holders_lock_i
     assert RunDir(str(run_dir)).stage("merge")["status"] == "committed"
 
 
+UPDATES = """
+import os, sys, time
+from selma.rundir import RunDir
+run = RunDir(sys.argv[1])
+while not os.path.exists(sys.argv[3]):  # start together
+    time.sleep(0.001)
+for i in range(300):
+    run.update_stage("prompts", **{f"{sys.argv[2]}-{i}": i})
+"""
+
+
+def test_two_processes_updating_the_manifest_lose_nothing(tmp_path):
+    start = tmp_path / "start"
+    writers = [subprocess.Popen([sys.executable, "-c", UPDATES, str(tmp_path / "run"), name, str(start)])
+               for name in "ab"]
+    time.sleep(2)
+    start.touch()
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    entry = RunDir(str(tmp_path / "run")).stage("prompts")
+    assert sorted(entry) == sorted(f"{name}-{i}" for name in "ab" for i in range(300))
+
+
 def test_the_lock_is_reentrant_within_a_process_and_released_after(run):
     with run.lock("outer"):
         with run.lock("inner"):
