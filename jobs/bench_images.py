@@ -38,7 +38,7 @@ def plain_loop(prompts, seeds, args) -> dict:
 def ray_stage(table, args, actors: int) -> dict:
     from selma.images.generator import GenerationSettings
     from selma.images.stage import image_dataset, write_images
-    from selma.rundir import RunDir
+    from selma.core.rundir import RunDir
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(tmp)
@@ -70,8 +70,8 @@ def main() -> None:
     import pyarrow as pa
     import ray
 
-    from selma.models.tiny import resolve_model
-    from selma.prompts.loop import derived_seed
+    from selma.core.models import resolve_model
+    from selma.core.ids import derived_seed
 
     resolve_model(args.model)
     prompts = [f"{n} red apples next to a blue chair number {i}" for i, n in

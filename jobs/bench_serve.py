@@ -60,8 +60,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from selma.config import ServeConfig
-    from selma.models.tiny import resolve_model
+    from selma.core.config import ServeConfig
+    from selma.core.models import resolve_model
     from selma.serve.app import build_app, serve_run
 
     # Logical CPUs: the replica's plus the ingress's; the threads come from --cpus.

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from selma.errors import InputError
+from selma.core.errors import InputError
 
 STAGE_HELP = {
     "prompts": "generate skill-specific prompts with the SELMA in-context loop",
@@ -184,7 +184,7 @@ def _cmd_serve(args) -> int:
 def _cmd_eval(args) -> int:
     from selma.config import load_config
     from selma.eval.run import run_eval
-    from selma.rundir import RunDir
+    from selma.core.rundir import RunDir
     from selma.serve.run import load_run_config
 
     overrides = list(args.overrides)
@@ -208,7 +208,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_export(args) -> int:
     from selma.images.export import export_imagefolder
-    from selma.rundir import RunDir
+    from selma.core.rundir import RunDir
 
     count = export_imagefolder(RunDir(args.run_dir), args.out, args.skill)
     print(f"exported {count} images to {args.out} (metadata.jsonl: file_name, text)")
@@ -216,7 +216,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_world(args) -> int:
-    from selma.config import ConfigError, format_validation_error, load_config, parse_override
+    from selma.config import load_config
+    from selma.core.config import format_validation_error, parse_override
+    from selma.core.errors import ConfigError
 
     if args.world_command == "train-base":
         from pydantic import ValidationError

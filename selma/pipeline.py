@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import selma
-from selma.rundir import RunDir, RunDirError
+from selma.core.rundir import RunDir, RunDirError
 
 
 @dataclass(frozen=True)

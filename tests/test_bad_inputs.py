@@ -187,7 +187,7 @@ def test_a_bad_request_gets_a_4xx_naming_the_parameter(case):
 def test_a_prompt_longer_than_the_text_encoder_takes_gets_a_400_naming_the_limit():
     from transformers import CLIPTokenizer
 
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
     from selma.serve.app import ApiError, Limits, check_prompt_tokens, parse_request, resolve_job
 
     tokenizer = CLIPTokenizer.from_pretrained(resolve_model("tiny:sd"), subfolder="tokenizer")

@@ -3,7 +3,9 @@ import sys
 
 import pytest
 
-from selma.config import ConfigError, load_config, preset_names
+from selma.config import load_config
+from selma.core.config import preset_names
+from selma.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("preset", preset_names())

@@ -75,7 +75,7 @@ def test_experts_trained_and_load_in_plain_diffusers(finished_run):
     from diffusers import DiffusionPipeline
 
     from selma.merge.lora_io import read_lora
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
 
     run_dir, _ = finished_run
     pipe = DiffusionPipeline.from_pretrained(resolve_model("tiny:sd"))

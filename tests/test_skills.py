@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from selma.config import ConfigError, load_config
+from selma.config import load_config
+from selma.core.errors import ConfigError
 from selma.skills import SkillError, builtin_skills, load_registry, load_skill_file
 
 PAPER_SKILLS = {"coco", "localized_narratives", "countbench", "whoops", "diffusiondb"}

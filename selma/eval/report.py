@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 
 TITLES = {"dsg": "DSG-1K", "tifa": "TIFA v1.0", "prompts": "prompts (DSG)", "world": "shapes world"}
 MODEL_ORDER = ("base", "merged")

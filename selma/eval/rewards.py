@@ -1,7 +1,7 @@
 """Human-preference reward scorers: CLIPScore, PickScore, HPS v2 / v2.1 and ImageReward.
 
 Every scorer reads an explicit, local weights folder (or a ``tiny:`` spec, built once by
-``selma.models.tiny.resolve_model``), never a model hub, and scores image-prompt pairs::
+``selma.core.models.resolve_model``), never a model hub, and scores image-prompt pairs::
 
     scorer = load_reward_scorer("pickscore", "/models/pickscore")
     scorer.score([image_a, image_b], ["a red cube", "two cats"])  # -> [21.3, 19.8]
@@ -115,7 +115,8 @@ def default_device() -> str:
 
 
 def _resolve_weights(weights: str | Path) -> Path:
-    from selma.models.tiny import is_tiny_spec, resolve_model
+    from selma.core.models import resolve_model
+    from selma.models.tiny import is_tiny_spec
 
     if isinstance(weights, str) and is_tiny_spec(weights):
         weights = resolve_model(weights)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from selma.config import ConfigError
+from selma.core.errors import ConfigError
 from selma.eval.questions import (QUESTION_SCHEMA, is_yes_no, prompts_of, question_table, sample_items, score_answers,
                                   summarize)
-from selma.rundir import RunDir, new_part_name
+from selma.core.rundir import RunDir, new_part_name
 
 BENCHMARK_TITLES = {"dsg": "DSG-1K", "tifa": "TIFA v1.0", "prompts": "your prompts (DSG questions)",
                     "world": "shapes world (held-out captions)"}
@@ -234,7 +234,7 @@ def generation_settings(config):
 
 
 def images_key(config, model: EvalModel, benchmark: str) -> str:
-    from selma.rundir import local_folder
+    from selma.core.rundir import local_folder
 
     lora = _file_digest(str(Path(local_folder(model.lora)) / "pytorch_lora_weights.safetensors")) if model.lora else None
     return _key(config.model, lora, generation_settings(config).__dict__, config.eval.seed, benchmark)
@@ -242,7 +242,7 @@ def images_key(config, model: EvalModel, benchmark: str) -> str:
 
 def planned_eval_images(questions: pa.Table, benchmark: str, images_per_prompt: int, seed: int) -> pa.Table:
     """One row per image: ids and seeds from the benchmark, item and index, the same for every model."""
-    from selma.images.stage import image_seed
+    from selma.core.ids import image_seed
 
     rows = []
     for item in prompts_of(questions):

@@ -70,7 +70,7 @@ class AnswerMapper:
                                  "(a sentence-transformers folder, e.g. all-mpnet-base-v2 as TIFA uses)")
             from sentence_transformers import SentenceTransformer
 
-            from selma.models.tiny import resolve_model
+            from selma.core.models import resolve_model
 
             path = resolve_model(self.encoder_path)
             if not Path(path).is_dir():

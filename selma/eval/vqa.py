@@ -72,7 +72,7 @@ class VQABackend:
 
 def local_model_dir(model: str) -> str:
     """The checkpoint folder for ``model`` (a path or a ``tiny:`` spec); refuses anything not local."""
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
 
     path = Path(resolve_model(model))
     if not path.is_dir():

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from selma.rundir import RunDir, RunDirError
+from selma.core.rundir import RunDir, RunDirError
 
 HF_FEATURES = {
     "image_id": {"dtype": "string", "_type": "Value"},

@@ -68,7 +68,7 @@ def load_pipeline(model: str, *, dtype: str = "auto", device: str | None = None)
     """Load a text-to-image pipeline from a path, hub id or ``tiny:`` spec, safety checker off."""
     from diffusers import DiffusionPipeline
 
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
 
     device = device or default_device()
     path = resolve_model(model)
@@ -183,7 +183,7 @@ def native_resolution(model: str) -> int:
     """The pipeline's default image size, read from its configs without loading weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
 
     path = resolve_model(model)
     unet = UNet2DConditionModel.load_config(path, subfolder="unet")

@@ -7,7 +7,6 @@ skips every ``image_id`` already written.
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 import numpy as np
@@ -16,18 +15,10 @@ import pyarrow.compute as pc
 
 from selma.images.export import HF_FEATURES, dataset_card, with_hf_features
 from selma.images.generator import GenerationSettings, png_bytes
-from selma.prompts.loop import derived_seed
-from selma.rundir import RunDir, new_part_name
+from selma.core.ids import image_id, image_seed
+from selma.core.rundir import RunDir, new_part_name
 
 IMAGE_COLUMNS = list(HF_FEATURES)  # the contract of images/<skill>/*.parquet, in order
-
-
-def image_id(prompt_id: str, index: int) -> str:
-    return hashlib.sha256(f"{prompt_id}\x00{index}".encode()).hexdigest()[:16]
-
-
-def image_seed(base_seed: int, image_id_: str) -> int:
-    return derived_seed(base_seed, image_id_) % (2**63)
 
 
 def planned_images(prompts: pa.Table, images_per_prompt: int, base_seed: int) -> pa.Table:
@@ -58,7 +49,7 @@ class GenerateImages:
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        from selma.rundir import local_folder
+        from selma.core.rundir import local_folder
 
         self.generator = ImageGenerator(model, settings, lora=local_folder(lora) if lora else None)
         self.model = model

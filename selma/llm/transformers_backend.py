@@ -13,7 +13,7 @@ class TransformersBackend(LLMBackend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from selma.models.tiny import resolve_model
+        from selma.core.models import resolve_model
 
         path = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -13,7 +13,7 @@ from selma.llm.base import PROCESSOR_MAP_KWARGS, normalize_completions
 def engine_config(config):
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
 
     options = {}
     if not config.gpus_per_worker:

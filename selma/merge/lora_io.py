@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from selma.errors import InputError
+from selma.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch

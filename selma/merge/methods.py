@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
-from selma.errors import InputError
+from selma.core.errors import InputError
 from selma.merge.lora_io import LoraAdapter, LoraFile, LoraLayer, atomic_write, write_lora
 
 if TYPE_CHECKING:

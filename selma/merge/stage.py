@@ -10,7 +10,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from selma.rundir import RunDir, RunDirError
+from selma.core.rundir import RunDir, RunDirError
 
 
 def run_merge_stage(config, run: RunDir, progress=print) -> dict:

@@ -4,16 +4,17 @@ The pipelines are saved with ``save_pretrained`` so they load through the same
 ``DiffusionPipeline.from_pretrained(path)`` path as real checkpoints. Tokenizers are
 trained locally on a small built-in English word list: nothing touches a model hub.
 
-``resolve_model("tiny:sd")`` builds a model once into ``$SELMA_CACHE/models`` (default
-``~/.cache/selma/models``) and returns its path; any other spec is returned unchanged.
+``resolve_model("tiny:sd")`` (:mod:`selma.core.models`, through :func:`resolve_tiny`) builds a
+model once into ``$SELMA_CACHE/models`` (default ``~/.cache/selma/models``) and returns its path.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import os
 from pathlib import Path
+
+from selma.core.models import build_once, cache_dir
 
 TINY_PREFIX = "tiny:"
 PIPELINE_FAMILIES = ("sd", "sdxl")
@@ -31,8 +32,6 @@ TINY_MODELS = {
     "sbert": "selma.models.tiny_scorers:build_tiny_sentence_encoder",
 }
 MAX_PROMPT_TOKENS = 77
-# The shapes world's base model, trained from scratch and shipped in the package (selma.world.base).
-WORLD_BASE_SPEC = "world:base"
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
@@ -431,10 +430,6 @@ def parse_tiny_spec(spec: str) -> tuple[str, int | None]:
     return family, int(resolution_text)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SELMA_CACHE") or Path.home() / ".cache" / "selma")
-
-
 def tiny_model_name(spec: str) -> str:
     family, resolution = parse_tiny_spec(spec)
     size = "" if resolution is None else f"-{resolution}"
@@ -450,20 +445,12 @@ def _build_tiny(spec: str, out_dir: Path) -> None:
         build_tiny_pipeline(out_dir, family=family, resolution=resolution)
 
 
-def resolve_model(spec: str) -> str:
-    """A local path for ``spec``: tiny specs are built once into the cache, ``world:base`` is the
-    shipped shapes-world model; others pass through.
+def resolve_tiny(spec: str) -> str:
+    """The local folder of tiny model ``spec`` (``tiny:sd@128``, ``tiny:lm``, ...), built once into the
+    cache (registered for the ``tiny:`` prefix of :func:`selma.core.models.resolve_model`).
 
     Safe when several processes resolve the same spec at once: each builds into its own
     temporary folder next to the target and renames it into place; losers discard theirs.
     """
-    if spec == WORLD_BASE_SPEC:
-        from selma.world.base import shipped_base_model
-
-        return str(shipped_base_model())
-    if not is_tiny_spec(spec):
-        return spec
-    from selma.rundir import build_once
-
     target = build_once(cache_dir() / "models" / tiny_model_name(spec), lambda folder: _build_tiny(spec, folder))
     return str(target)

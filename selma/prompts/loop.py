@@ -16,23 +16,14 @@ more requests in flight for batch engines. The same object runs in-process
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from selma.core.ids import derived_seed, prompt_id
 from selma.llm.base import LLMBackend, LLMRequest
 from selma.prompts.diversity import DiversityFilter
 from selma.prompts.parse import parse_completion
-
-
-def prompt_id(skill: str, text: str) -> str:
-    return hashlib.sha256(f"{skill}\x00{text}".encode()).hexdigest()[:16]
-
-
-def derived_seed(*parts: object) -> int:
-    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import asdict
 import pyarrow as pa
 
 from selma.prompts.loop import Completion, PromptRow, SkillLoop, raise_if_short
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 from selma.skills import load_registry
 
 PROMPT_SCHEMA = pa.schema(

@@ -288,7 +288,7 @@ class ImageModel:
     def _ensure_loaded(self, name: str) -> None:
         """Under pipe_lock."""
         from selma.images.generator import load_adapter
-        from selma.rundir import local_folder
+        from selma.core.rundir import local_folder
 
         if name not in self.loaded:
             load_adapter(self.generator.pipe, local_folder(self.adapters[name]), name)
@@ -521,7 +521,7 @@ def resolve_api_key(serve_config, host: str | None) -> str | None:
     * no key is configured and ``host`` — where Serve's HTTP proxy listens, ``None`` if that is not
       known here — is not a loopback address, unless ``serve.allow_unauthenticated``.
     """
-    from selma.config import ConfigError
+    from selma.core.errors import ConfigError
 
     name = serve_config.api_key_env
     if name:

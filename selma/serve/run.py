@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 
 
 def load_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = (), values: dict | None = None):
     """The config a run was made with, plus ``key.sub=value`` overrides and ``{"key.sub": value}``
     values (a YAML string is parsed); raises ConfigError."""
-    from selma.config import ConfigError, apply_override, build_config, parse_override
+    from selma.config import build_config
+    from selma.core.config import apply_override, parse_override
+    from selma.core.errors import ConfigError
 
     run = RunDir(run_dir)
     data = run.manifest().get("config")
@@ -39,7 +41,7 @@ def run_adapters(config, run: RunDir) -> dict[str, str]:
 
 def build_run_app(config, run: RunDir, **options):
     """The Serve app for a run; ``options``: more :func:`selma.serve.app.build_app` arguments (``host``)."""
-    from selma.config import ConfigError
+    from selma.core.errors import ConfigError
     from selma.serve.app import BASE_MODEL_NAME, build_app
 
     adapters = run_adapters(config, run)

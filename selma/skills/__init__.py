@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from selma.errors import InputError
+from selma.core.errors import InputError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 

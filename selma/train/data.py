@@ -39,7 +39,7 @@ def read_and_prepare(items: dict[str, np.ndarray], *, run_uri: str, model: str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from selma.rundir import RunDir
+    from selma.core.rundir import RunDir
 
     filesystem = RunDir(run_uri).fs
     prepare = _preparer(model, resolution, random_crop, random_flip)
@@ -84,7 +84,7 @@ class PrepareTrainingBatch:
     def __init__(self, model: str, resolution: int, random_crop: bool = True, random_flip: bool = True):
         from transformers import AutoTokenizer
 
-        from selma.models.tiny import resolve_model
+        from selma.core.models import resolve_model
 
         path = resolve_model(model)
         self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]

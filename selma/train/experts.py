@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from selma.raylib import quiet_ray_data
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 
 PROGRESS_ACTOR = "selma-train-progress"
 
@@ -62,7 +62,7 @@ class ExpertJob:
 
     @classmethod
     def from_config(cls, config, expert: str, run: RunDir, resolution: int):
-        from selma.config import JOINT_EXPERT
+        from selma.core.config import JOINT_EXPERT
 
         t = config.train
         skills = tuple(config.skills.names) if expert == JOINT_EXPERT and t.mode == "joint" else (expert,)
@@ -102,7 +102,7 @@ def train_expert_loop(job_fields: dict) -> None:
     import ray.train.torch
     import torch
 
-    from selma.prompts.loop import derived_seed
+    from selma.core.ids import derived_seed
     from selma.train.step import LoraTrainStep, load_training_components
 
     job = ExpertJob(**job_fields)
@@ -255,7 +255,7 @@ def fit_expert(job: ExpertJob) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selma.prompts.loop import derived_seed
+    from selma.core.ids import derived_seed
     from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
 
     quiet_ray_data()
@@ -330,7 +330,7 @@ def experts_at_once(config) -> int:
 
 def preflight_train(config) -> None:
     """Checks of the train settings against the model, before any stage of the run starts."""
-    from selma.config import ConfigError
+    from selma.core.errors import ConfigError
     from selma.train.step import LoraSettings, check_lora_targets
 
     try:

@@ -114,7 +114,7 @@ def check_lora_targets(model: str, lora: LoraSettings) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
 
     config = UNet2DConditionModel.load_config(resolve_model(model), subfolder="unet")
     with torch.device("meta"):

@@ -69,6 +69,14 @@ def shipped_base_model() -> Path:
     return SHIPPED_MODEL_DIR
 
 
+def resolve_world(spec: str) -> str:
+    """``world:base``: the shipped model's folder (registered for the ``world:`` prefix of
+    :func:`selma.core.models.resolve_model`)."""
+    if spec != "world:base":
+        raise ValueError(f"unknown shapes-world model {spec!r}; the one shipped is world:base")
+    return str(shipped_base_model())
+
+
 def world_words() -> list[str]:
     from selma.world.scene import COLORS, SHAPES
 

@@ -36,7 +36,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 
 ARMS = ("base", "experts", "delta_mean", "ab_mean", "joint", "filtered", "ground_truth")
 ARM_TITLES = {
@@ -65,7 +65,8 @@ def skill_kind(skill: str) -> str:
 
 def _with(config, **fields):
     """A validated copy of ``config`` with top-level fields or ``section.field`` keys replaced."""
-    from selma.config import apply_override, build_config
+    from selma.config import build_config
+    from selma.core.config import apply_override
 
     data = config.model_dump(mode="json")
     for key, value in fields.items():
@@ -75,7 +76,7 @@ def _with(config, **fields):
 
 def check_experiment(config, arms: tuple[str, ...]) -> None:
     """Fail before any work on arms, skills or an evaluation the experiment cannot run."""
-    from selma.config import ConfigError
+    from selma.core.errors import ConfigError
 
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -294,7 +294,7 @@ def test_schema_check_catches_broken_manifests(case):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_job_entrypoints_exist_and_their_configs_validate(target):
-    from selma.config import preset_names
+    from selma.core.config import preset_names
 
     docs = render(target)
     named = {m for d in docs for s in strings(d) for m in JOB_SCRIPT.findall(s)}
@@ -324,7 +324,8 @@ def test_rayjob_cleans_up_after_itself(target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_rayservice_serves_the_pipelines_run(target):
-    from selma.config import apply_override, build_config, load_raw, parse_override
+    from selma.config import build_config
+    from selma.core.config import apply_override, load_raw, parse_override
 
     docs = render(target)
     service = one(docs, "RayService")["spec"]
@@ -519,7 +520,7 @@ def test_dockerfile():
 
 @pytest.mark.parametrize("doc", ["cluster/README.md", "k8s/README.md"])
 def test_walkthroughs_name_existing_entrypoints_and_presets(doc):
-    from selma.config import preset_names
+    from selma.core.config import preset_names
 
     path = REPO / doc
     if not path.exists():

@@ -52,7 +52,7 @@ def test_a_run_directory_in_s3_works_end_to_end(s3, selma_server):
     import httpx
     from PIL import Image
 
-    from selma.rundir import RunDir
+    from selma.core.rundir import RunDir
 
     run_args = ["run", "--config", "tiny", "--run-dir", RUN, "skills.names=[coco, whoops]", "prompts.per_skill=4",
                 "images.steps=2", "train.max_steps=4", "train.checkpoint_every=2"]

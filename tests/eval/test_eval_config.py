@@ -2,9 +2,10 @@
 
 import pytest
 
-from selma.config import ConfigError, load_config
+from selma.config import load_config
+from selma.core.errors import ConfigError
 from selma.eval.run import check_eval_config
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 from shared_data import BENCHMARKS, needs_benchmarks
 
 pytestmark = needs_benchmarks

@@ -10,7 +10,7 @@ import pytest
 
 from selma.config import load_config
 from selma.eval.questions import score_answers, summarize
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
 from lora_helpers import write_random_lora  # noqa: E402

@@ -21,7 +21,7 @@ import pytest
 
 from selma.eval import rewards
 from selma.models import tiny_scorers
-from selma.models.tiny import resolve_model
+from selma.core.models import resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPECS = {"clipscore": "tiny:clip", "pickscore": "tiny:clip", "hpsv2": "tiny:hps", "hpsv2.1": "tiny:hps",

@@ -22,7 +22,8 @@ from PIL import Image
 
 from selma.eval import vqa
 from selma.models import tiny_vlm
-from selma.models.tiny import build_lm_tokenizer, resolve_model
+from selma.core.models import resolve_model
+from selma.models.tiny import build_lm_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Absolute (the subprocess runs elsewhere), but not resolved: the venv's python is a symlink.

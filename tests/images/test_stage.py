@@ -9,10 +9,11 @@ import pyarrow as pa
 import pytest
 
 from selma.config import load_config
-from selma.images.stage import _image_plan, image_id, image_seed, planned_images
+from selma.core.ids import derived_seed, image_id, image_seed
+from selma.images.stage import _image_plan, planned_images
 from selma.pipeline import run_stages
-from selma.prompts.loop import derived_seed
-from selma.rundir import RunDir
+from selma.core.ids import derived_seed
+from selma.core.rundir import RunDir
 
 SKILLS = "[coco, whoops]"
 
@@ -126,7 +127,8 @@ def test_exports_load_with_hugging_face_datasets(ray_local, tmp_path):
 
 
 def _prompt_table(count: int) -> pa.Table:
-    from selma.prompts.loop import PromptRow, prompt_id
+    from selma.core.ids import prompt_id
+    from selma.prompts.loop import PromptRow
     from selma.prompts.stage import rows_to_table
 
     texts = [f"a photo of {n} red kites over a quiet beach" for n in ("one", "two", "three", "four", "five")][:count]

@@ -16,7 +16,7 @@ from test_merge import Expert  # shared helper (pytest puts tests/merge on sys.p
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
 
     return resolve_model("tiny:sd")
 
@@ -116,7 +116,7 @@ def test_merge_main_bad_input_exits_2_naming_the_experts(tmp_path, sd, capsys, c
 def test_merge_stage_runs_the_configs_method_options_and_fusing(tmp_path, sd):
     from selma.config import load_config
     from selma.merge.stage import run_merge_stage
-    from selma.rundir import RunDir
+    from selma.core.rundir import RunDir
 
     _, experts = sd
     run = RunDir(str(tmp_path / "run"))

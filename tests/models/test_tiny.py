@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from selma.core.models import resolve_model
 from selma.models import tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -216,7 +217,7 @@ def test_tiny_lm_loads_and_generates(tmp_path):
 def test_non_tiny_specs_pass_through():
     for spec in ("/models/sd14", "CompVis/stable-diffusion-v1-4", "relative/path"):
         assert not tiny.is_tiny_spec(spec)
-        assert tiny.resolve_model(spec) == spec
+        assert resolve_model(spec) == spec
 
 
 def test_spec_names_and_errors():
@@ -225,7 +226,7 @@ def test_spec_names_and_errors():
     assert tiny.tiny_model_name("tiny:lm") == "tiny-lm-v1"
     for bad in ("tiny:foo", "tiny:sd@big", "tiny:lm@64", "tiny:"):
         with pytest.raises(ValueError):
-            tiny.resolve_model(bad)
+            resolve_model(bad)
 
 
 def test_resolve_model_builds_once_into_cache(tmp_path, monkeypatch):
@@ -238,8 +239,8 @@ def test_resolve_model_builds_once_into_cache(tmp_path, monkeypatch):
         return real_build(out_dir, seed=seed)
 
     monkeypatch.setattr(tiny, "build_tiny_lm", counting_build)
-    first = tiny.resolve_model("tiny:lm")
-    second = tiny.resolve_model("tiny:lm")
+    first = resolve_model("tiny:lm")
+    second = resolve_model("tiny:lm")
 
     assert first == second == str(tmp_path / "models" / "tiny-lm-v1")
     assert len(builds) == 1
@@ -256,7 +257,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiny, "build_tiny_lm", broken_build)
     with pytest.raises(RuntimeError, match="disk full"):
-        tiny.resolve_model("tiny:lm")
+        resolve_model("tiny:lm")
     assert os.listdir(tmp_path / "models") == []
 
 
@@ -280,7 +281,8 @@ CONCURRENT_RESOLVER = textwrap.dedent("""
     while len(os.listdir(work / "ready")) < 2:  # start both resolves at the same moment
         assert time.time() < deadline, "the other process never got ready"
         time.sleep(0.01)
-    print(tiny.resolve_model("tiny:sd"))
+    from selma.core.models import resolve_model
+    print(resolve_model("tiny:sd"))
 """)
 
 

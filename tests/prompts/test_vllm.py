@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 VLLM_PYTHON = os.environ.get("SELMA_VLLM_PYTHON", str(Path(__file__).parents[2] / ".venv-vllm" / "bin" / "python"))
@@ -19,7 +19,7 @@ VLLM_PYTHON = os.environ.get("SELMA_VLLM_PYTHON", str(Path(__file__).parents[2] 
 def test_vllm_backend_generates_prompts_with_the_tiny_lm(tmp_path):
     from transformers import AutoTokenizer
 
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
 
     # A random LM never writes a numbered list; limiting it to some words, the newline and the end
     # token makes short lines that the parser accepts as descriptions.

@@ -15,8 +15,8 @@ KEY_ENV = "SELMA_TEST_BUILDER_API_KEY"
 def finished_run(tmp_path_factory) -> Path:
     """A run directory as the pipeline leaves it: run.json, two experts, a committed merge."""
     from selma.config import load_config
-    from selma.models.tiny import resolve_model
-    from selma.rundir import RunDir
+    from selma.core.models import resolve_model
+    from selma.core.rundir import RunDir
 
     run_dir = tmp_path_factory.mktemp("served") / "run"
     config = load_config("tiny", ["skills.names=[coco,whoops]", f"run_dir={run_dir}"])
@@ -53,7 +53,7 @@ def test_app_builder_takes_the_run_and_typed_overrides(finished_run):
 
 
 def test_app_builder_names_what_is_wrong(finished_run):
-    from selma.config import ConfigError
+    from selma.core.errors import ConfigError
     from selma.serve.app import app_builder
 
     with pytest.raises(ValueError, match="needs run_dir"):
@@ -71,7 +71,7 @@ def test_app_builder_fails_closed_without_a_key(finished_run, monkeypatch):
     known here: a key is required unless serve.allow_unauthenticated."""
     from ray.serve import Application
 
-    from selma.config import ConfigError
+    from selma.core.errors import ConfigError
     from selma.serve.app import app_builder, proxy_host
 
     if proxy_host() is not None:
@@ -96,7 +96,8 @@ def test_app_builder_fails_closed_without_a_key(finished_run, monkeypatch):
 def test_the_shipped_serve_config_is_a_valid_serve_deploy_file():
     from ray.serve.schema import ServeDeploySchema
 
-    from selma.config import apply_override, build_config, load_config
+    from selma.config import build_config, load_config
+    from selma.core.config import apply_override
 
     schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
     [application] = schema.applications

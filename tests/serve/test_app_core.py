@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from selma.config import ConfigError, ServeConfig
+from selma.core.config import ServeConfig
+from selma.core.errors import ConfigError
 
 KEY_ENV = "SELMA_TEST_CORE_API_KEY"
 
@@ -109,7 +110,7 @@ def test_proxy_host_never_starts_ray():
 def test_selma_serve_on_a_reachable_host_without_a_key_exits_2_before_ray_starts(tmp_path):
     """Not marked slow: the command must refuse before it starts Ray (the test guard would stop it)."""
     from selma.config import load_config
-    from selma.rundir import RunDir
+    from selma.core.rundir import RunDir
 
     run_dir = tmp_path / "run"
     config = load_config("tiny", [f"run_dir={run_dir}"])

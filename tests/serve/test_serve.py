@@ -73,8 +73,8 @@ def _free_port() -> int:
 def server(ray_local, tmp_path_factory):
     from ray import serve
 
-    from selma.config import ServeConfig
-    from selma.models.tiny import resolve_model
+    from selma.core.config import ServeConfig
+    from selma.core.models import resolve_model
     from selma.serve.app import build_app, serve_run
 
     base_model = resolve_model("tiny:sd")  # built here once, not by the replica
@@ -261,8 +261,9 @@ def test_app_builder_in_the_cluster_checks_where_the_running_proxy_listens(serve
     named key variable that the cluster's processes do not have."""
     import ray
 
-    from selma.config import ConfigError, load_config
-    from selma.rundir import RunDir
+    from selma.config import load_config
+    from selma.core.errors import ConfigError
+    from selma.core.rundir import RunDir
 
     run_dir = tmp_path / "run"
     config = load_config("tiny", [f"run_dir={run_dir}"])

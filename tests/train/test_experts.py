@@ -53,7 +53,7 @@ def _assert_expert_loads_in_diffusers(run_dir: Path, expert: str) -> None:
     import torch
     from diffusers import DiffusionPipeline
 
-    from selma.models.tiny import resolve_model
+    from selma.core.models import resolve_model
 
     pipe = DiffusionPipeline.from_pretrained(resolve_model("tiny:sd"))
     generator = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from selma.models.tiny import resolve_model
+from selma.core.models import resolve_model
 from selma.world import WorldEvaluator, caption_of, sample_scenes
 from selma.world.base import BaseModelConfig, build_world_tokenizer, shipped_base_model, train_base_model, training_caption
 from selma.world.scene import COLORS, SHAPES, sample_scene

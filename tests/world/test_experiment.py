@@ -10,10 +10,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from selma.config import ConfigError, load_config
+from selma.config import load_config
+from selma.core.errors import ConfigError
 from selma.images.export import png_bytes_of, with_hf_features
 from selma.images.generator import png_bytes
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 from selma.world import WorldEvaluator, caption_of, render, sample_scenes, split_of
 from selma.world.experiment import (ARM_TITLES, ARMS, accuracy_by_kind, check_experiment, filtered_images,
                                     ground_truth_images, markdown_experiment)

@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Input the user can fix: a config field, a file, a run directory, a command-line argument."""
+
+
+class ConfigError(InputError):
+    """A config that cannot be used; the message names the offending field."""

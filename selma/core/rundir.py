@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from selma.errors import InputError
+from selma.core.errors import InputError
+from selma.core.models import build_once, cache_dir
 
 MANIFEST = "run.json"
 LOCK_FILE = ".lock"
@@ -481,32 +482,6 @@ def new_part_name(prefix: str = "part") -> str:
     return f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
 
 
-def build_once(target: Path, build) -> Path:
-    """``target``, made by ``build(folder)`` unless it exists. Safe when several processes race:
-    each builds into its own temporary folder next to the target and renames it into place; losers
-    discard theirs."""
-    import os
-    import shutil
-    import tempfile
-
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        build(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def local_folder(uri: str) -> str:
     """A local path holding the folder at ``uri`` (a local path is returned as it is).
 
@@ -518,7 +493,6 @@ def local_folder(uri: str) -> str:
 
     if "://" not in uri:
         return uri
-    from selma.models.tiny import cache_dir
 
     filesystem, root = pafs.FileSystem.from_uri(uri)
     infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))

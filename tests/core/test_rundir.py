@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from selma.rundir import RunDir, RunDirError, RunDirInUse, _holder, _Lease
+from selma.core.rundir import RunDir, RunDirError, RunDirInUse, _holder, _Lease
 
 
 @pytest.fixture(params=["path", "uri"])
@@ -109,7 +109,7 @@ def test_a_failed_stage_keeps_its_reason_and_can_begin_again(run):
 
 HOLD = """
 import sys, time
-from selma.rundir import RunDir, _Lease, _holder
+from selma.core.rundir import RunDir, _Lease, _holder
 run = RunDir(sys.argv[1])
 if sys.argv[2] == "lease":
     lease = _Lease(run)
@@ -155,7 +155,7 @@ def test_a_second_command_is_refused_naming_the_holder_and_a_dead_holders_lock_i
 
 UPDATES = """
 import os, sys, time
-from selma.rundir import RunDir
+from selma.core.rundir import RunDir
 run = RunDir(sys.argv[1])
 while not os.path.exists(sys.argv[3]):  # start together
     time.sleep(0.001)

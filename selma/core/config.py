@@ -1,0 +1,438 @@
+"""The schema of a selma run's config: one pydantic model per section, field checks, presets,
+``key.sub=value`` overrides and ``extends:``.
+
+:mod:`selma.config` builds on it (``load_config``), adding the checks that need the registries of
+skills, merge methods and reward scorers. An invalid value raises :class:`ConfigError` naming the
+field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from selma.core.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).parent.parent / "configs"
+DEFAULT_SKILLS = ["coco", "localized_narratives", "countbench", "whoops", "diffusiondb"]
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SkillsConfig(_Section):
+    names: list[str] = Field(default_factory=lambda: list(DEFAULT_SKILLS), min_length=1)
+    seeds_per_skill: int = Field(3, ge=1, description="seed prompts that start each skill's pool")
+    files: list[str] = Field(default_factory=list, description="YAML files defining extra skills")
+
+    @field_validator("names")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"skill names repeat: {duplicates}")
+        return names
+
+
+class OpenAIEndpointConfig(_Section):
+    """An OpenAI-compatible server (OpenAI, vLLM's ``vllm serve``, TGI, llama.cpp, ...)."""
+
+    base_url: str | None = Field(None, description="e.g. http://llm:8000/v1 (the /completions path is added)")
+    api: Literal["completions", "chat"] = Field(
+        "completions", description="completions continues the numbered list as-is; chat sends it as a user message")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (sent if set)")
+    qps: int | None = Field(None, ge=1, description="requests per second per worker; None: no limit")
+    max_retries: int = Field(3, ge=0, description="retries with exponential back-off on 429/5xx/timeouts")
+    retry_wait_s: float = Field(1.0, gt=0, description="first back-off wait; doubles per retry")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {url!r})")
+        return url.rstrip("/") if url else url
+
+
+class LLMConfig(_Section):
+    """An LLM backend: what the prompt stage and DSG question generation run on."""
+
+    backend: Literal["template", "transformers", "vllm", "openai"] = Field(
+        "template", description="template: offline phrase generator for demos and tests, not an LLM")
+    model: str | None = Field(None, description="LLM path or hub id (the model name sent to an openai endpoint)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(1024, ge=16)
+    seed: int = 0
+    sampling_params: dict[str, Any] = Field(
+        default_factory=dict, description="vllm/openai: extra sampling parameters (stop, repetition_penalty, ...)")
+    batch_size: int = Field(16, ge=1, description="requests per LLM batch")
+    concurrency: int = Field(1, ge=1, description="LLM workers (engines, model replicas or HTTP clients)")
+    gpus_per_worker: float = Field(0, ge=0, description="transformers/vllm: GPUs per worker; 0 runs on CPU")
+    cpus_per_worker: float = Field(1, gt=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments")
+    openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig)
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> "LLMConfig":
+        if self.backend in ("transformers", "vllm", "openai") and not self.model:
+            raise ValueError(f"backend {self.backend!r} needs model (an LLM path or hub id)")
+        if self.backend == "openai" and not self.openai.base_url:
+            raise ValueError("backend 'openai' needs openai.base_url (e.g. http://host:8000/v1)")
+        return self
+
+
+class PromptsConfig(LLMConfig):
+    per_skill: int = Field(1000, ge=1, description="accepted LLM prompts per skill")
+    examples_per_request: int = Field(3, ge=1)
+    candidates_per_request: int = Field(20, ge=1)
+    requests_per_round: int = Field(8, ge=1, description="LLM requests per skill per round")
+    rounds_in_flight: int = Field(
+        1, ge=1, description="rounds per skill sent before the previous ones are filtered; 1 is the paper's loop")
+    max_rounds: int = Field(1000, ge=1, description="give up on a skill after this many rounds")
+    rouge_threshold: float = Field(0.8, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _cap_batch_size(self) -> "PromptsConfig":
+        if self.batch_size > self.requests_per_round:
+            # A batch waits until it is full, and a skill's next round waits for this one.
+            self.batch_size = self.requests_per_round
+        return self
+
+
+class ImagesConfig(_Section):
+    model: str | None = Field(None, description="generating model; defaults to the top-level model")
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    resolution: int | None = Field(None, ge=8, description="None: the pipeline's native size")
+    images_per_prompt: int = Field(1, ge=1)
+    negative_prompt: str | None = None
+    batch_size: int = Field(4, ge=1)
+    num_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    resources_per_actor: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per generator actor, e.g. {gpu_node: 1}")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the UNet (pays off on GPUs for long runs)")
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+
+JOINT_EXPERT = "joint"
+
+
+class TrainConfig(_Section):
+    mode: Literal["experts", "joint"] = Field(
+        "experts", description="experts: one LoRA per skill (SELMA); joint: one LoRA on all skills' data (the paper's baseline)")
+    rank: int = Field(128, ge=1)
+    alpha: float = Field(128, gt=0)
+    init_lora_weights: Literal["gaussian", "default"] = "gaussian"
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1, description="micro-batch per worker")
+    effective_batch_size: int = Field(64, ge=1)
+    max_steps: int = Field(5000, ge=1)
+    resolution: int | None = Field(None, ge=8, description="None: the model's native size")
+    random_flip: bool = True
+    random_crop: bool = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = Field(2, ge=0, le=3)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = True
+    cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {gpu_node: 1} to pin experts to a node type")
+    data_cpus: float = Field(1, gt=0, description="CPUs per Ray Data task that decodes and tokenises")
+    data_workers: int = Field(4, ge=1, description="concurrent Ray Data preprocessing tasks per expert")
+    checkpoint_every: int = Field(500, ge=1)
+    max_concurrent_experts: int | None = Field(
+        None, ge=1, description="experts training at once; None: as many as the cluster's resources hold, the rest queue")
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "TrainConfig":
+        per_step = self.batch_size * self.num_workers
+        if self.effective_batch_size % per_step:
+            raise ValueError(
+                f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
+                f"batch_size × num_workers ({per_step})"
+            )
+        if self.strategy == "deepspeed" and self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ValueError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.effective_batch_size // (self.batch_size * self.num_workers)
+
+
+class MergeConfig(_Section):
+    method: str = "delta_mean"
+    weights: dict[str, float] | None = Field(None, description="per-expert weights; default 1/N")
+    normalize: bool = Field(True, description="normalise the weights to sum 1 (a mean); false: use them as given")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="method options, e.g. {density: 0.5, seed: 0, rank: 64}")
+    fused_pipeline: bool = Field(False, description="also save the base pipeline with the merge fused in (merged/fused)")
+
+
+class ServeAutoscalingConfig(_Section):
+    """Ray Serve's ``autoscaling_config`` for the model deployment."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0)
+    upscale_delay_s: float = Field(30, ge=0)
+    downscale_delay_s: float = Field(600, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ServeAutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model: str = Field("merged", description="default model of requests without one: base, merged or expert-<name>")
+    max_batch_size: int = Field(4, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    num_replicas: int = Field(1, ge=1, description="model replicas when autoscaling is not set")
+    autoscaling: ServeAutoscalingConfig | None = None
+    max_loaded_adapters: int = Field(4, ge=1, description="LoRA adapters kept loaded per replica (LRU)")
+    gpus_per_replica: float = Field(0, ge=0)
+    cpus_per_replica: float = Field(1, gt=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    max_queued_requests: int = Field(64, ge=1)
+    default_steps: int | None = Field(None, ge=1, description="None: images.steps")
+    max_steps: int = Field(100, ge=1)
+    max_images_per_request: int = Field(4, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+    api_key_env: str | None = Field(
+        None, description="env var holding the bearer token every endpoint but /healthz requires; "
+                          "named but unset or empty: the app refuses to start")
+    allow_unauthenticated: bool = Field(
+        False, description="serve without an API key on a non-loopback host (else refused: set api_key_env)")
+
+    @model_validator(mode="after")
+    def _batching_possible(self) -> "ServeConfig":
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be at least max_batch_size, else batches stay small")
+        return self
+
+
+class QuestionLLMConfig(LLMConfig):
+    """The LLM that writes DSG questions (tuples, dependencies, questions) for prompts without them."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(512, ge=16)
+
+
+class VQAConfig(_Section):
+    backend: Literal["transformers", "vqascore", "vllm", "world"] = Field(
+        "transformers", description="transformers: free-form answers; vqascore: P(yes); vllm: vLLM multimodal; "
+                                    "world: the shapes world's exact evaluator (no model)")
+    model: str | None = Field(None, description="a local image-text-to-text checkpoint folder, e.g. InstructBLIP or "
+                                                "Llava (tiny:vlm: a random stand-in)")
+    batch_size: int = Field(8, ge=1, description="(image, question) pairs per forward pass")
+    max_new_tokens: int = Field(16, ge=1)
+    prompt_template: str | None = Field(None, description="e.g. 'Question: {question} Answer:'; None: the model's chat template")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    num_actors: int = Field(1, ge=1, description="VQA actors the questions are sharded across")
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments")
+
+
+class EvalConfig(_Section):
+    models: list[str] = Field(
+        default_factory=lambda: ["base", "merged"],
+        description="base, merged, expert-<name>, experts (every expert), or a LoRA folder: PATH or NAME=PATH")
+    benchmarks: list[Literal["dsg", "tifa", "prompts", "world"]] = Field(
+        default_factory=lambda: ["dsg"], min_length=1,
+        description="prompts: your own prompt file, questions written by eval.questions; world: held-out shapes-world captions")
+    world_kinds: list[Literal["single", "counting", "binding", "spatial", "multi"]] = Field(
+        default_factory=lambda: ["counting", "binding", "spatial"], min_length=1)
+    world_prompts_per_kind: int = Field(100, ge=1, description="held-out captions per kind (the test split)")
+    dsg_annotations: str | None = Field(None, description="DSG-1K's dsg-1k-anns.csv (github.com/j-min/DSG)")
+    tifa_prompts: str | None = Field(None, description="TIFA v1.0's tifa_v1.0_text_inputs.json (github.com/Yushi-Hu/tifa)")
+    tifa_questions: str | None = Field(
+        None, description="tifa_v1.0_question_answers.json (TIFA release format); None: DSG questions written by eval.questions")
+    prompts_file: str | None = Field(None, description="benchmark 'prompts': a .txt (one per line), .jsonl or .csv with a prompt column")
+    answer_encoder: str | None = Field(
+        None, description="sentence-embedding model folder that maps free-form answers to the nearest TIFA choice")
+    questions: QuestionLLMConfig | None = Field(None, description="the LLM that writes DSG questions for new prompts")
+    vqa: VQAConfig = Field(default_factory=VQAConfig)
+    rewards: dict[str, str] = Field(
+        default_factory=dict, description="reward scorer -> local weights (clipscore, pickscore, hpsv2, hpsv2.1, imagereward)")
+    limit: int | None = Field(None, ge=1, description="evaluate a seeded random sample of this many prompts per benchmark")
+    sample_seed: int = 0
+    images_per_prompt: int = Field(1, ge=1)
+    seed: int = Field(0, description="image seeds derive from it and the prompt, identical for every model")
+    steps: int | None = Field(None, ge=1, description="None: images.steps")
+    batch_size: int = Field(4, ge=1, description="images per generation batch")
+    num_actors: int = Field(1, ge=1, description="image generation actors per model")
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, models: list[str]) -> list[str]:
+        if not models:
+            raise ValueError("name at least one model")
+        if len(set(models)) != len(models):
+            raise ValueError(f"models repeat: {models}")
+        return models
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None: join RAY_ADDRESS if set, else start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="for a local Ray only")
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class SelmaConfig(_Section):
+    name: str = Field("selma", min_length=1)
+    model: str = Field(..., description="the text-to-image model to improve (path, hub id or tiny:sd)")
+    run_dir: str | None = Field(None, description="local path or URI; default runs/<name>")
+    skills: SkillsConfig = Field(default_factory=SkillsConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def expert_names(self) -> list[str]:
+        """The adapters the train stage writes under ``experts/``: one per skill, or ``joint``."""
+        return [JOINT_EXPERT] if self.train.mode == "joint" else list(self.skills.names)
+
+    @property
+    def image_model(self) -> str:
+        """The model that draws the training images (weak-to-strong: may differ from ``model``)."""
+        return self.images.model or self.model
+
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or str(Path("runs") / self.name)
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named sections, used to tell whether a committed stage is stale."""
+        data = self.model_dump(mode="json")
+        payload = json.dumps({s: data[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``images.steps=20`` → (["images", "steps"], 20); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {err}") from None
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for depth, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_raw(source: str, _seen: tuple[str, ...] = ()) -> dict:
+    """Read a preset name or YAML path into a dict, following ``extends: <preset or path>``."""
+    path = Path(source)
+    if not path.suffix and (PRESETS_DIR / f"{source}.yaml").exists():
+        path = PRESETS_DIR / f"{source}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config {source!r} is neither a file nor a preset (presets: {', '.join(preset_names())})")
+    if str(path.resolve()) in _seen:
+        raise ConfigError(f"config {source!r} extends itself")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent:
+        data = _deep_merge(load_raw(str(parent), _seen + (str(path.resolve()),)), data)
+    return data
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field"
+        shown = problem.get("input")
+        suffix = f" (got {shown!r})" if shown is not None and problem["type"] != "missing" and not isinstance(shown, dict) else ""
+        lines.append(f"{field}: {message}{suffix}")
+    if len(lines) == 1:
+        return lines[0]
+    return f"invalid config, {len(lines)} problems:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def validate_schema(data: dict) -> SelmaConfig:
+    """``data`` as a :class:`SelmaConfig`, checked field by field (``selma.config.build_config``
+    adds the checks against the skill, merge-method and reward registries)."""
+    try:
+        return SelmaConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
