@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key.sub=value",
                           help="config overrides, e.g. eval.dsg_annotations=path/dsg-1k-anns.csv eval.vqa.model=DIR")
 
-    commands.add_parser("merge-adapters", add_help=False,
-                                   help="merge LoRA adapter folders without a run directory (see --help)")
+    from selma.merge.adapters import MERGE_ADAPTERS_HELP, add_merge_adapters_arguments
+
+    add_merge_adapters_arguments(commands.add_parser(
+        "merge-adapters", help="merge LoRA adapter folders without a run directory", description=MERGE_ADAPTERS_HELP))
 
     export = commands.add_parser("export", help="export a run's data for other tools")
     export_commands = export.add_subparsers(dest="export_command", required=True)
@@ -250,7 +252,15 @@ def _cmd_world(args) -> int:
     return 0
 
 
-COMMANDS = {"world": _cmd_world, "eval": _cmd_eval, "export": _cmd_export, "config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
+def _cmd_merge_adapters(args) -> int:
+    from selma.merge.adapters import merge_adapters, merge_summary
+
+    report = merge_adapters(args)
+    print(json.dumps(report if args.json else merge_summary(report), indent=2))
+    return 0
+
+
+COMMANDS = {"merge-adapters": _cmd_merge_adapters, "world": _cmd_world, "eval": _cmd_eval, "export": _cmd_export, "config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,10 +291,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    if argv[:1] == ["merge-adapters"]:  # its own parser: argparse sub-commands cannot pass "--flags" through
-        from selma.merge.stage import merge_main
-
-        return merge_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides given after an option (`--limit 5 key=value`) are left over by argparse.

@@ -1,4 +1,4 @@
-"""selma.merge: the fused full pipeline, ``merge_main`` (``selma merge-adapters``) and the pipeline's merge stage."""
+"""selma.merge: the fused full pipeline, ``selma merge-adapters`` and the pipeline's merge stage."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from selma.merge.lora_io import read_lora
 from selma.merge.methods import MergeError, merge_experts
-from selma.merge.stage import merge_main
+from selma.cli import main
 from test_merge import Expert  # shared helper (pytest puts tests/merge on sys.path)
 
 
@@ -70,12 +70,12 @@ def test_fusing_into_another_base_model_names_the_layer(tmp_path, sd):
     assert not (tmp_path / "fused").exists()
 
 
-def test_merge_main_merges_adapter_folders_like_the_library(tmp_path, sd, capsys):
+def test_merge_adapters_merges_adapter_folders_like_the_library(tmp_path, sd, capsys):
     _, experts = sd
     coco, whoops = experts["coco"].dir, experts["whoops"].dir
     argv = [str(coco), f"w={whoops}", "--out", str(tmp_path / "cli"), "--method", "ties", "--weights", "1,3",
             "--option", "density=0.5", "--option", "majority_sign_method=frequency"]
-    assert merge_main(argv) == 0
+    assert main(["merge-adapters", *argv]) == 0
     summary = json.loads(capsys.readouterr().out)
     report = json.loads((tmp_path / "cli" / "merge.json").read_text())
     assert summary["method"] == report["method"] == "ties"
@@ -88,13 +88,13 @@ def test_merge_main_merges_adapter_folders_like_the_library(tmp_path, sd, capsys
     for name in lib.layers:
         assert torch.equal(cli.delta(name), lib.delta(name))
 
-    assert merge_main([str(coco), str(whoops), "--out", str(tmp_path / "raw"), "--weights", "coco=1,whoops=1",
-                       "--no-normalize"]) == 0
+    assert main(["merge-adapters", str(coco), str(whoops), "--out", str(tmp_path / "raw"),
+                 "--weights", "coco=1,whoops=1", "--no-normalize"]) == 0
     assert json.loads((tmp_path / "raw" / "merge.json").read_text())["weights"] == {"coco": 1.0, "whoops": 1.0}
 
 
 @pytest.mark.parametrize("case", ["weights", "missing", "ranks", "duplicate", "option", "density"])
-def test_merge_main_bad_input_exits_2_naming_the_experts(tmp_path, sd, capsys, case):
+def test_merge_adapters_bad_input_exits_2_naming_the_experts(tmp_path, sd, capsys, case):
     _, experts = sd
     coco, whoops = str(experts["coco"].dir), str(experts["whoops"].dir)
     out = ["--out", str(tmp_path / "out")]
@@ -103,10 +103,10 @@ def test_merge_main_bad_input_exits_2_naming_the_experts(tmp_path, sd, capsys, c
         "missing": ([coco, str(tmp_path / "gone"), *out], "gone"),
         "ranks": ([coco, whoops, *out, "--method", "ab_mean"], "coco r=4, whoops r=2"),
         "duplicate": ([coco, f"coco={whoops}", *out], "two experts are named 'coco'"),
-        "option": ([coco, whoops, *out, "--method", "ties", "--option", "density"], "not KEY=VALUE"),
+        "option": ([coco, whoops, *out, "--method", "ties", "--option", "density"], "--option 'density': .*not of the form"),
         "density": ([coco, whoops, *out, "--method", "dare_ties", "--option", "density=2"], "density=2"),
     }[case]
-    assert merge_main(argv) == 2
+    assert main(["merge-adapters", *argv]) == 2
     import re
 
     assert re.search(message, capsys.readouterr().err)
