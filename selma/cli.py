@@ -237,7 +237,7 @@ def _cmd_world(args) -> int:
             raise ConfigError(format_validation_error(err)) from None
         train_base_model(args.out, config)
         return 0
-    from selma.world.experiment import ARMS, run_experiment, write_experiment_report
+    from selma.experiments.world import ARMS, run_experiment, write_experiment_report
 
     if args.world_command == "report":
         try:

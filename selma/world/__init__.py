@@ -33,7 +33,7 @@ image alone) and ``WorldAccuracyScorer`` gives prompt accuracy as a reward score
 
 The base model (:mod:`selma.world.base`): ``train_base_model(out_dir, BaseModelConfig())`` trains
 a small Stable Diffusion pipeline on the world from scratch (``selma world train-base``); the one
-shipped with selma is the model spec ``world:base``. The experiment (:mod:`selma.world.experiment`):
+shipped with selma is the model spec ``world:base``. The experiment (:mod:`selma.experiments.world`):
 ``run_experiment(load_config("world"), out)`` compares the base model, SELMA experts and merges,
 a joint LoRA, experts on evaluator-filtered images and on ground-truth renders
 (``selma world experiment``).

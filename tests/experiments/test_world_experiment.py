@@ -16,7 +16,7 @@ from selma.images.export import png_bytes_of, with_hf_features
 from selma.images.generator import png_bytes
 from selma.core.rundir import RunDir
 from selma.world import WorldEvaluator, caption_of, render, sample_scenes, split_of
-from selma.world.experiment import (ARM_TITLES, ARMS, accuracy_by_kind, check_experiment, filtered_images,
+from selma.experiments.world import (ARM_TITLES, ARMS, accuracy_by_kind, check_experiment, filtered_images,
                                     ground_truth_images, markdown_experiment)
 
 EVALUATOR = WorldEvaluator()
@@ -131,7 +131,7 @@ def test_a_reduced_experiment_runs_through_the_real_stages_on_the_shipped_base_m
     ground-truth renders, each trained and scored through the real stages. (The other arms add
     a merge, a joint train stage and a filter, each tested on its own.) The numbers mean nothing
     at this size."""
-    from selma.world.experiment import run_experiment
+    from selma.experiments.world import run_experiment
 
     config = load_config("world", [
         "skills.names=[world_counting]", "prompts.per_skill=4", "images.images_per_prompt=4", "images.steps=4",
