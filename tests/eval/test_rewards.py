@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from selma.eval import rewards
+from selma.eval.rewards import base as reward_base, hps as reward_hps
 from selma.models import tiny_scorers
 from selma.core.models import resolve_model
 
@@ -142,7 +143,7 @@ def test_missing_weights_name_the_scorer_the_path_and_the_expected_files(tmp_pat
 
 
 def test_missing_tokenizer_or_config_files_are_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(rewards, "_installed_open_clip_bpe", lambda: None)
+    monkeypatch.setattr(reward_hps, "_installed_open_clip_bpe", lambda: None)
     hps = tmp_path / "hps"
     hps.mkdir()
     shutil.copy(Path(resolve_model("tiny:hps")) / "HPS_v2_compressed.pt", hps)
@@ -278,8 +279,8 @@ def test_hps_equals_the_open_clip_computation(scorers, images, name, checkpoint)
     assert scorer.checkpoint == folder / checkpoint
     config = json.loads((folder / "open_clip_config.json").read_text())
     state_dict = torch.load(folder / checkpoint, weights_only=True)["state_dict"]
-    pixels = torch.stack([rewards.hps_resize_max_pad(image, config["vision_cfg"]["image_size"]) for image in images])
-    ids = scorer.tokenizer([rewards.open_clip_clean(p) for p in PROMPTS], padding="max_length", truncation=True,
+    pixels = torch.stack([reward_hps.hps_resize_max_pad(image, config["vision_cfg"]["image_size"]) for image in images])
+    ids = scorer.tokenizer([reward_hps.open_clip_clean(p) for p in PROMPTS], padding="max_length", truncation=True,
                            max_length=77, return_tensors="pt")["input_ids"]
     assert (ids[:, 0] == scorer.tokenizer.bos_token_id).all()
     with torch.no_grad():
@@ -296,10 +297,10 @@ def test_hps_resize_max_pad_scales_the_longer_side_and_pads_with_black():
     from PIL import Image
 
     image = Image.new("RGB", (64, 32), (255, 255, 255))  # width 64, height 32
-    tensor = rewards.hps_resize_max_pad(image, 32)
+    tensor = reward_hps.hps_resize_max_pad(image, 32)
     assert tuple(tensor.shape) == (3, 32, 32)
-    black = rewards._normalize(torch.zeros(3, 1, 1)).view(3)
-    white = rewards._normalize(torch.ones(3, 1, 1)).view(3)
+    black = reward_base._normalize(torch.zeros(3, 1, 1)).view(3)
+    white = reward_base._normalize(torch.ones(3, 1, 1)).view(3)
     for row in list(range(8)) + list(range(24, 32)):  # 16 content rows, centred
         assert torch.allclose(tensor[:, row, :], black[:, None].expand(3, 32), atol=1e-6)
     assert torch.allclose(tensor[:, 8:24, :], white[:, None, None].expand(3, 16, 32), atol=1e-4)
@@ -318,13 +319,13 @@ def test_hps_accepts_a_checkpoint_path_a_safetensors_file_and_an_open_clip_bpe_f
     np.testing.assert_allclose(by_file.score(images, PROMPTS), expected, atol=ATOL)
 
     # A safetensors checkpoint, with open_clip's gzipped BPE merges as the only tokenizer file.
-    monkeypatch.setattr(rewards, "_installed_open_clip_bpe", lambda: None)
+    monkeypatch.setattr(reward_hps, "_installed_open_clip_bpe", lambda: None)
     other = tmp_path / "hps"
     other.mkdir()
     state_dict = torch.load(folder / "HPS_v2_compressed.pt", weights_only=True)["state_dict"]
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(other / "HPS_v2_compressed.safetensors"))
     shutil.copy(folder / "open_clip_config.json", other)
-    with gzip.open(other / rewards.OPEN_CLIP_BPE_FILE, "wt", encoding="utf-8") as bpe:
+    with gzip.open(other / reward_hps.OPEN_CLIP_BPE_FILE, "wt", encoding="utf-8") as bpe:
         bpe.write((folder / "merges.txt").read_text(encoding="utf-8"))
     scorer = rewards.load_reward_scorer("hpsv2", other, device="cpu")
     # open_clip numbers the vocabulary without the tiny tokenizer's deduplication: compare tokens.
@@ -379,7 +380,7 @@ def test_open_clip_configs_with_unsupported_options_are_refused(tmp_path):
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="ls_init_value"):
         rewards.load_reward_scorer("hpsv2", folder, device="cpu")
-    assert rewards.VIT_H_14["vision_cfg"]["width"] == 1280 and rewards.VIT_H_14["text_cfg"]["layers"] == 24
+    assert reward_hps.VIT_H_14["vision_cfg"]["width"] == 1280 and reward_hps.VIT_H_14["text_cfg"]["layers"] == 24
 
 
 # --------------------------------------------------------------------------- ImageReward
@@ -451,7 +452,7 @@ def _imagereward_inputs(scorer, folder, images, prompts):
     import torch
 
     vit = json.loads((folder / "vision_config.json").read_text())
-    pixels = torch.stack([rewards.clip_resize_center_crop(image, vit["image_size"]) for image in images])
+    pixels = torch.stack([reward_base.clip_resize_center_crop(image, vit["image_size"]) for image in images])
     text = scorer.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     return vit, pixels, text
 
@@ -527,7 +528,8 @@ def test_clip_resize_center_crop_follows_torchvision():
     # CenterCrop(32): left int(round(2.5)) = 2 (Python rounds half to even, as torchvision relies on).
     expected = image.resize((37, 32), Image.Resampling.BICUBIC).crop((2, 0, 34, 32))
     expected = torch.from_numpy(np.asarray(expected, dtype=np.float32) / 255).permute(2, 0, 1)
-    np.testing.assert_allclose(rewards.clip_resize_center_crop(image, 32), rewards._normalize(expected), atol=1e-6)
+    np.testing.assert_allclose(reward_base.clip_resize_center_crop(image, 32), reward_base._normalize(expected),
+                               atol=1e-6)
 
 
 # --------------------------------------------------------------------------- tiny builders
