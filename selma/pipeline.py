@@ -47,12 +47,10 @@ def stage_hashes(config) -> dict[str, str]:
 
 def record_config(run: RunDir, config) -> None:
     """Write ``config`` into run.json: only once every check passed, under the run's lock."""
-    manifest = run.manifest()
     run.update_manifest(
         selma_version=selma.__version__,
-        created_at=manifest.get("created_at") or time.time(),
+        created_at=run.manifest().get("created_at") or time.time(),
         config=config.model_dump(mode="json"),
-        stages=manifest.get("stages", {}),
     )
 
 

@@ -149,23 +149,25 @@ class RunDir:
             raise RunDirError(f"{self.uri_of(relative)}: not valid JSON ({err}); restore it from a backup, "
                               "or start a new run directory") from None
 
-    def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        """One Parquet file of the run (a path from :meth:`list_files`); a damaged file is named."""
+    @contextmanager
+    def reading_parquet(self, path: str) -> Iterator[None]:
+        """Reading Parquet file ``path`` of the run: a damaged file raises :class:`RunDirError`
+        naming it and the command that redoes its rows."""
         try:
-            return pq.read_table(path, filesystem=self.fs, columns=columns)
+            yield
         except (pa.ArrowInvalid, OSError) as err:
-            raise self.damaged(path, err) from None
+            stage = path[len(self.root) + 1:].split("/", 1)[0]
+            raise RunDirError(f"{path}: not a readable Parquet file ({err}); delete it and rerun "
+                              f"`selma {stage if stage in STAGES else 'run'}` to redo its rows") from None
+
+    def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One Parquet file of the run (a path from :meth:`list_files`)."""
+        with self.reading_parquet(path):
+            return pq.read_table(path, filesystem=self.fs, columns=columns)
 
     def parquet_rows(self, path: str) -> int:
-        try:
+        with self.reading_parquet(path):
             return pq.read_metadata(path, filesystem=self.fs).num_rows
-        except (pa.ArrowInvalid, OSError) as err:
-            raise self.damaged(path, err) from None
-
-    def damaged(self, path: str, err: Exception) -> RunDirError:
-        stage = path[len(self.root) + 1:].split("/", 1)[0]
-        return RunDirError(f"{path}: not a readable Parquet file ({err}); delete it and rerun "
-                           f"`selma {stage if stage in STAGES else 'run'}` to redo its rows")
 
     def write_table(self, relative: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
@@ -447,7 +449,7 @@ class _Lease:
 
     def acquire(self, holder: dict) -> None:
         current = self._current()
-        if current is not None and current.get("token") != self.token and not self._stale(current):
+        if current is not None and not self._stale(current):
             raise _in_use(self.run, current)
         self.holder = holder
         self._write()

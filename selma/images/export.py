@@ -114,8 +114,6 @@ def export_imagefolder(run: RunDir, out_dir: str | Path, skills: list[str] | Non
 
 
 def _rows(run: RunDir, file: str):
-    try:
+    with run.reading_parquet(file):
         for batch in pq.ParquetFile(file, filesystem=run.fs).iter_batches(batch_size=64):
             yield from batch.to_pylist()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise run.damaged(file, err) from None
