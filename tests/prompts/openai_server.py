@@ -23,9 +23,17 @@ LAST_NUMBER = re.compile(r"(\d+)\.\s*$")
 
 class FakeOpenAI:
     def __init__(self, *, delay_s: float = 0.0, unavailable_first: int = 0, api_key: str | None = None,
-                 candidates: int = 5, respond=None):
-        """``respond(prompt) -> text`` replaces the template phrases (e.g. to answer DSG's calls)."""
+                 candidates: int = 5, respond=None, hold_after: int | None = None, hold_until=None,
+                 hold_timeout_s: float = 120.0):
+        """``respond(prompt) -> text`` replaces the template phrases (e.g. to answer DSG's calls).
+
+        ``hold_after=N, hold_until=condition`` answers the first N requests, then holds every later
+        one until ``condition()`` is true (or ``hold_timeout_s`` passed); ``released_by`` records
+        which of the two let them go ("condition" or "timeout").
+        """
         self.delay_s, self.unavailable_left, self.api_key = delay_s, unavailable_first, api_key
+        self.hold_after, self.hold_until, self.hold_timeout_s = hold_after, hold_until, hold_timeout_s
+        self.released_by: str | None = None
         self.respond = respond
         self.candidates = candidates
         self.requests: list[dict] = []
@@ -63,6 +71,16 @@ class FakeOpenAI:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def _wait_for_release(self) -> None:
+        deadline = time.monotonic() + self.hold_timeout_s
+        while self.released_by is None:
+            if self.hold_until():
+                self.released_by = "condition"
+            elif time.monotonic() > deadline:
+                self.released_by = "timeout"
+            else:
+                time.sleep(0.1)
+
     def answer(self, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
         with self.lock:
             self.headers.append(headers)
@@ -77,6 +95,9 @@ class FakeOpenAI:
             return 400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}}
         with self.lock:
             self.requests.append(payload)
+            held = self.hold_after is not None and len(self.requests) > self.hold_after
+        if held:
+            self._wait_for_release()
         time.sleep(self.delay_s)
         chat = path.endswith("/chat/completions")
         prompt = payload["messages"][-1]["content"] if chat else payload["prompt"]

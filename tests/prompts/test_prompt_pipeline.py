@@ -56,8 +56,17 @@ def _openai_config(server: FakeOpenAI, run_dir: Path, *extra: str):
 
 def test_openai_endpoint_streams_prompts_into_images(ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("SELMA_TEST_LLM_KEY", "sk-test")
-    with FakeOpenAI(delay_s=0.5, unavailable_first=2, api_key="sk-test", candidates=1) as server:
-        config = _openai_config(server, tmp_path / "run", "prompts.per_skill=6", "prompts.candidates_per_request=1",
+    run_dir = tmp_path / "run"
+
+    def an_image_is_written() -> bool:
+        return any((run_dir / "images").glob("*/*.parquet"))
+
+    # After three answered requests the endpoint holds the rest until an image shard exists: a
+    # pipeline that streams draws the first prompts meanwhile; one that waits for every prompt
+    # first would only be let go by the timeout.
+    with FakeOpenAI(delay_s=0.2, unavailable_first=2, api_key="sk-test", candidates=1, hold_after=3,
+                    hold_until=an_image_is_written, hold_timeout_s=90) as server:
+        config = _openai_config(server, run_dir, "prompts.per_skill=6", "prompts.candidates_per_request=1",
                                 "prompts.requests_per_round=1", "prompts.max_tokens=64", "images.steps=2",
                                 "images.batch_size=1")
         summary = run_stages(config, ("prompts", "images"))
@@ -68,10 +77,7 @@ def test_openai_endpoint_streams_prompts_into_images(ray_local, tmp_path, monkey
     assert {p["model"] for p in server.requests} == {"fake-llm"}
     assert len({p["seed"] for p in server.requests}) == len(server.requests)
     assert all(p["max_tokens"] == 64 and p["prompt"].rstrip().endswith("4.") for p in server.requests)
-    run_dir = tmp_path / "run"
-    last_prompt = max(f.stat().st_mtime for f in (run_dir / "prompts").glob("*/*.parquet"))
-    first_image = min(f.stat().st_mtime for f in (run_dir / "images").glob("*/*.parquet"))
-    assert first_image < last_prompt, "images should be drawn while prompts are still being generated"
+    assert server.released_by == "condition", "images should be drawn while prompts are still being generated"
 
 
 def test_openai_chat_endpoint(ray_local, tmp_path):
