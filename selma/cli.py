@@ -129,10 +129,10 @@ def _load_config(args, extra_overrides: tuple[str, ...] = ()):
 
 
 def _cmd_stages(args) -> int:
-    from selma.pipeline import STAGE_NAMES, format_summary, run_stages
+    from selma.pipeline import RUN_STAGE_NAMES, format_summary, run_stages
 
     config = _load_config(args)
-    names = STAGE_NAMES[: STAGE_NAMES.index(args.until) + 1] if args.command == "run" else (args.command,)
+    names = RUN_STAGE_NAMES[: RUN_STAGE_NAMES.index(args.until) + 1] if args.command == "run" else (args.command,)
     summary = run_stages(config, names, restart=args.restart)
     print()
     print(format_summary(summary))
@@ -185,7 +185,7 @@ def _cmd_serve(args) -> int:
 
 def _cmd_eval(args) -> int:
     from selma.config import load_config
-    from selma.eval.run import run_eval
+    from selma.pipeline import run_eval
     from selma.core.rundir import RunDir
     from selma.serve.run import load_run_config
 

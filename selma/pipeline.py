@@ -1,47 +1,53 @@
-"""Stage order, stage hashes and the resume logic shared by ``selma run`` and each stage command."""
+"""The stage list, stage hashes and the resume logic shared by ``selma run``, each stage command,
+``selma eval`` and the world experiment.
+
+Each stage implements :class:`selma.core.stage.Stage`; this module orders them, checks a run
+directory can take them before anything is written, holds the run's lock, and records each
+stage's status in run.json. Adding a stage is one new module and one entry in ``STAGES``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import selma
+from selma.core.progress import Progress
 from selma.core.rundir import RunDir, RunDirError
+from selma.core.stage import Stage, StageContext
+from selma.eval.run import EvalStage
+from selma.images.stage import ImageStage
+from selma.merge.stage import MergeStage
+from selma.prompts.stage import PromptStage
+from selma.raylib import init_ray
+from selma.train.experts import TrainStage
 
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    sections: tuple[str, ...]  # config sections that decide this stage's output
-    needs_ray: bool
-    runner: str  # "module:function", imported when the stage runs
-    preflight: str | None = None  # "module:function(config)": checks run before any stage starts
-
-    def load(self, target: str | None = None) -> Callable:
-        module, function = (target or self.runner).split(":")
-        return getattr(__import__(module, fromlist=[function]), function)
-
-
-STAGES = (
-    Stage("prompts", ("skills", "prompts"), True, "selma.prompts.stage:run_prompt_stage"),
-    Stage("images", ("model", "images"), True, "selma.images.stage:run_image_stage"),
-    Stage("train", ("model", "train"), True, "selma.train.experts:run_train_stage",
-          "selma.train.experts:preflight_train"),
-    Stage("merge", ("merge",), False, "selma.merge.stage:run_merge_stage"),
-)
+STAGES: tuple[Stage, ...] = (PromptStage(), ImageStage(), TrainStage(), MergeStage(), EvalStage())
 STAGE_NAMES = tuple(s.name for s in STAGES)
+# ``selma run``'s stages: those committed under a config hash, each on the previous one's rows.
+RUN_STAGE_NAMES = tuple(s.name for s in STAGES if s.chained)
+
+
+def _stages(replaced: Mapping[str, Stage] | None = None) -> tuple[Stage, ...]:
+    """The stage list, with some stages swapped for others of the same name (the world experiment
+    commits derived images in place of drawing them)."""
+    replaced = dict(replaced or {})
+    unknown = set(replaced) - set(STAGE_NAMES)
+    if unknown:
+        raise ValueError(f"no stage named {sorted(unknown)} to replace; stages: {STAGE_NAMES}")
+    return tuple(replaced.get(stage.name, stage) for stage in STAGES)
 
 
 def stage_hashes(config) -> dict[str, str]:
-    """Each stage's hash covers its own sections and every upstream stage's hash."""
+    """Each chained stage's hash covers its own sections and every upstream stage's hash."""
     hashes, upstream = {}, ""
     for stage in STAGES:
-        own = config.section_hash(*stage.sections)
-        upstream = hashlib.sha256(f"{upstream}:{own}".encode()).hexdigest()[:16]
-        hashes[stage.name] = upstream
+        if stage.chained:
+            own = config.section_hash(*stage.sections)
+            upstream = hashlib.sha256(f"{upstream}:{own}".encode()).hexdigest()[:16]
+            hashes[stage.name] = upstream
     return hashes
 
 
@@ -54,78 +60,112 @@ def record_config(run: RunDir, config) -> None:
     )
 
 
-def plan_stages(config, run: RunDir, names: tuple[str, ...], *, restart: bool = False) -> list[str]:
+def plan_stages(config, run: RunDir, names: tuple[str, ...], *, restart: bool = False,
+                replaced: Mapping[str, Stage] | None = None) -> list[Stage]:
     """The stages of ``names`` that must run, in order; raises :class:`RunDirError` if the run cannot
-    take them (a stage made under another config, an upstream stage missing). Reads only."""
+    take them (a stage made under another config, a stage it needs missing). Reads only."""
+    stages = _stages(replaced)
+    by_name = {stage.name: stage for stage in stages}
     hashes = stage_hashes(config)
-    discarded = set(STAGE_NAMES[STAGE_NAMES.index(names[0]):]) if restart else set()
-    pending = [s.name for s in STAGES if s.name in names
-               and (s.name in discarded or not run.is_committed(s.name, hashes[s.name]))]
-    if not pending:
-        return pending
-    index = STAGE_NAMES.index(pending[0])
-    upstream = STAGE_NAMES[index - 1] if index else None
-    if upstream and (upstream in discarded or not run.is_committed(upstream, hashes[upstream])):
-        raise RunDirError(f"{run.uri}: stage {pending[0]!r} needs stage {upstream!r} committed with this config; "
-                          f"run `selma {upstream}` (or `selma run`) first")
-    for name in pending:
-        if name not in discarded:
-            run.check_stage_config(name, hashes[name])
+    discarded = _discarded_by_restart(names) if restart else set()
+
+    def committed(name: str) -> bool:
+        return name not in discarded and run.is_committed(name, hashes[name])
+
+    pending = [s for s in stages if s.name in names and (not s.chained or not committed(s.name))]
+    for stage in pending:
+        if stage.needs and by_name[stage.needs] not in pending and not committed(stage.needs):
+            raise RunDirError(f"{run.uri}: stage {stage.name!r} needs stage {stage.needs!r} committed with this "
+                              f"config; run `selma {stage.needs}` (or `selma run`) first")
+        if stage.chained and stage.name not in discarded:
+            run.check_stage_config(stage.name, hashes[stage.name])
     return pending
 
 
-def run_stages(config, names: tuple[str, ...] = STAGE_NAMES, *, restart: bool = False, progress=print) -> dict:
+def _discarded_by_restart(names: tuple[str, ...]) -> set[str]:
+    """``--restart`` discards the first named stage and every chained stage after it."""
+    first = STAGE_NAMES.index(names[0])
+    return {s.name for s in STAGES[first:] if s.chained}
+
+
+def _streaming_pairs(pending: list[Stage]) -> list[list[Stage]]:
+    """Pending stages grouped to run: a stage with the stage it streams into, when both run."""
+    groups: list[list[Stage]] = []
+    for stage in pending:
+        if groups and groups[-1][-1].streams_to == stage.name and len(groups[-1]) == 1:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
+def _on(stage: Stage, config) -> str:
+    resources = stage.resources(config)
+    return f" on {resources.describe()}" if resources is not None and hasattr(resources, "describe") else ""
+
+
+def run_stages(config, names: tuple[str, ...] = RUN_STAGE_NAMES, *, restart: bool = False,
+               progress: Progress | Callable[[str], None] | None = None, run: RunDir | None = None,
+               replaced: Mapping[str, Stage] | None = None) -> dict:
     """Run the named stages in order, skipping committed ones; returns the run summary.
 
     Every check runs before anything is written; the run directory is locked for the whole call;
     a stage that raises is marked ``failed`` with the reason, and a rerun resumes it.
     """
-    from selma.raylib import init_ray
-
-    run = RunDir(config.resolved_run_dir())
-    pending = plan_stages(config, run, names, restart=restart)
-    for stage in STAGES:
-        if stage.name in pending and stage.preflight:
-            stage.load(stage.preflight)(config)
+    progress = Progress.of(progress)
+    run = run or RunDir(config.resolved_run_dir())
+    pending = plan_stages(config, run, names, restart=restart, replaced=replaced)
+    for stage in pending:
+        stage.preflight(config, run)
     with run.lock():
-        pending = plan_stages(config, run, names, restart=restart)  # again, now that no one else writes
+        pending = plan_stages(config, run, names, restart=restart, replaced=replaced)  # again, now no one else writes
         hashes = stage_hashes(config)
         if restart:
-            for later in STAGE_NAMES[STAGE_NAMES.index(names[0]):]:
-                run.discard_stage(later)
-                progress(f"[{later}] discarded for --restart")
-        if pending:
+            for stage in _stages(replaced):
+                if stage.name in _discarded_by_restart(names):
+                    run.discard_stage(stage.name, stage.writes)
+                    progress(f"[{stage.name}] discarded for --restart")
+        if any(stage.chained for stage in pending):
             record_config(run, config)
-        ran: list[str] = []
-        for stage in STAGES:
-            if stage.name not in names or stage.name in ran:
-                continue
-            if stage.name not in pending:
+        for stage in _stages(replaced):
+            if stage.name in names and stage not in pending:
                 progress(f"[{stage.name}] already committed in {run.uri}, skipping")
-                continue
-            together = ["prompts", "images"] if stage.name == "prompts" and "images" in pending else [stage.name]
-            for name in together:
-                run.begin_stage(name, hashes[name])
-            try:
-                if stage.needs_ray:
-                    init_ray(config.ray)
-                if len(together) == 2:
-                    progress("[prompts] running, streaming into [images]")
-                    from selma.prompts.stage import run_prompts_and_images
-
-                    results = run_prompts_and_images(config, run, progress=progress)
-                else:
-                    progress(f"[{stage.name}] running")
-                    results = (stage.load()(config, run, progress=progress),)
-            except BaseException as err:
-                for name in together:
-                    with contextlib.suppress(Exception):
-                        run.fail_stage(name, err)
-                raise
-            for name, result in zip(together, results):
-                run.commit_stage(name, **result)
-            ran += together
+        for group in _streaming_pairs(pending):
+            _run_group(group, config, run, hashes, progress)
     return summarize(run)
+
+
+def _run_group(group: list[Stage], config, run: RunDir, hashes: dict[str, str], progress: Progress) -> None:
+    for stage in group:
+        run.begin_stage(stage.name, hashes.get(stage.name) if stage.chained else None)
+    ctx = StageContext(config, run, progress)
+    try:
+        if any(stage.needs_ray for stage in group):
+            init_ray(config.ray)
+        if len(group) == 2:
+            producer, consumer = group
+            progress(f"[{producer.name}] running{_on(producer, config)}, streaming into "
+                     f"[{consumer.name}]{_on(consumer, config)}")
+            produced, consumed = producer.run_streaming(ctx, lambda stream: consumer.run(ctx.streaming(stream)))
+            results = [produced, consumed if consumed is not None else consumer.run(ctx)]
+        else:
+            progress(f"[{group[0].name}] running{_on(group[0], config)}")
+            results = [group[0].run(ctx)]
+    except BaseException as err:
+        for stage in group:
+            with contextlib.suppress(Exception):
+                run.fail_stage(stage.name, err)
+        raise
+    for stage, result in zip(group, results):
+        run.commit_stage(stage.name, **result)
+
+
+def run_eval(config, run: RunDir, progress: Progress | Callable[[str], None] | None = None) -> dict:
+    """``selma eval``: the eval stage on ``run``; returns each model's summary and the report's files."""
+    run_stages(config, ("eval",), progress=progress, run=run)
+    entry = run.stage("eval")
+    return {"models": {name: run.read_json(f"eval/{name}/summary.json") for name in entry["models"]},
+            "report": entry["report"]}
 
 
 def summarize(run: RunDir) -> dict:

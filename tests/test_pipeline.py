@@ -30,7 +30,7 @@ def test_a_later_stage_made_under_another_config_refuses_before_earlier_stages_r
     assert result.returncode == 2 and "stage 'train'" in result.stderr, result.stderr
     assert snapshot(run) == before
     config = committed_run(tmp_path / "other", ("prompts", "images"))
-    assert plan_stages(config, RunDir(str(tmp_path / "other")), ("prompts", "images", "train", "merge")) == [
+    assert [s.name for s in plan_stages(config, RunDir(str(tmp_path / "other")), ("prompts", "images", "train", "merge"))] == [
         "train", "merge"]
     try:
         plan_stages(config, RunDir(str(tmp_path / "other")), ("merge",))

@@ -273,14 +273,16 @@ class RunDir:
                 f"or `selma {name} ... --restart` to discard it and everything after it."
             )
 
-    def begin_stage(self, name: str, config_hash: str) -> None:
-        self.check_stage_config(name, config_hash)
+    def begin_stage(self, name: str, config_hash: str | None) -> None:
+        """Mark ``name`` running; with a ``config_hash``, refuse rows made under another config."""
+        if config_hash is not None:
+            self.check_stage_config(name, config_hash)
         entry = self.stage(name)
         self.update_stage(
             name,
             status="running",
-            config_hash=config_hash,
-            started_at=entry.get("started_at") or time.time(),
+            **({"config_hash": config_hash} if config_hash is not None else {}),
+            started_at=(entry.get("started_at") if entry.get("status") in ("running", "failed") else None) or time.time(),
             attempts=entry.get("attempts", 0) + 1,
         )
 
@@ -296,10 +298,9 @@ class RunDir:
         self.update_stage(name, status="committed", finished_at=now,
                           seconds=round(now - entry.get("started_at", now), 3), **fields)
 
-    def discard_stage(self, name: str) -> None:
-        """Forget a stage and delete its outputs (for ``--restart``)."""
-        output = {"train": "experts", "merge": "merged"}.get(name, name)
-        for location in (output, f"_work/{name}", f"errors/{name}"):
+    def discard_stage(self, name: str, outputs: tuple[str, ...] | list[str]) -> None:
+        """Forget a stage and delete the folders it writes, its work area and its error records."""
+        for location in (*outputs, f"_work/{name}", f"errors/{name}"):
             if self.exists(location):
                 self.fs.delete_dir(self.path(location))
         with self._editing_manifest():

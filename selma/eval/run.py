@@ -30,6 +30,8 @@ from selma.core.errors import ConfigError
 from selma.eval.questions import (QUESTION_SCHEMA, is_yes_no, prompts_of, question_table, sample_items, score_answers,
                                   summarize)
 from selma.core.rundir import RunDir, new_part_name
+from selma.core.stage import StageBase, StageContext
+from selma.eval.report import write_report
 
 BENCHMARK_TITLES = {"dsg": "DSG-1K", "tifa": "TIFA v1.0", "prompts": "your prompts (DSG questions)",
                     "world": "shapes world (held-out captions)"}
@@ -475,22 +477,32 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run_eval(config, run: RunDir, progress=print) -> dict:
-    """``selma eval``: every model on every benchmark, then the comparison report."""
-    from selma.eval.report import write_report
-    from selma.raylib import init_ray
+class EvalStage(StageBase):
+    """Every model of ``eval.models`` on every benchmark, then the comparison report.
 
-    models = check_eval_config(config, run)
-    with run.lock():
+    Not chained: images and answers are keyed by what decides them (model, LoRA file, settings,
+    questions), so a rerun under another eval config redraws only what changed.
+    """
+
+    name = "eval"
+    reads = ("experts", "merged")
+    writes = ("eval",)
+    sections = ("eval",)
+    chained = False
+
+    def preflight(self, config, run: RunDir) -> None:
+        check_eval_config(config, run)
+
+    def run(self, ctx: StageContext) -> dict:
+        config, run, progress = ctx.config, ctx.run, ctx.progress
+        models = check_eval_config(config, run)
         questions = {}
         for benchmark in config.eval.benchmarks:
             table = load_benchmark(benchmark, config, run, progress)
             items = len(set(table.column("item_id").to_pylist()))
             progress(f"[eval] {BENCHMARK_TITLES[benchmark]}: {items} prompts, {table.num_rows} questions")
             questions[benchmark] = table
-        init_ray(config.ray)
-        summaries = {}
         for model in models:
-            summaries[model.name] = evaluate_model(config, run, model, questions, progress)
+            evaluate_model(config, run, model, questions, progress)
         report = write_report(run, progress)
-    return {"models": summaries, "report": report}
+        return {"models": [model.name for model in models], "benchmarks": list(questions), "report": report}

@@ -37,6 +37,7 @@ from typing import Callable
 import pyarrow as pa
 
 from selma.core.rundir import RunDir
+from selma.core.stage import StageBase, StageContext
 
 ARMS = ("base", "experts", "delta_mean", "ab_mean", "joint", "filtered", "ground_truth")
 ARM_TITLES = {
@@ -130,13 +131,32 @@ def ground_truth_images(images: pa.Table) -> pa.Table:
                             pa.array(["selma.world.render"] * table.num_rows, pa.string()))
 
 
-def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None]):
-    """A run whose committed images are ``name``'s transform of ``source``'s, for its train stage.
+class DerivedImages(StageBase):
+    """The image stage of a derived run: ``tables`` (a transform of the SELMA run's images) committed
+    as its images, in place of drawing any; the train stage then runs on them as on drawn ones."""
 
-    Returns the run's config, whose skills are those left with enough images to train on (the
-    evaluator may accept too few of a skill's images), or None when no skill is.
+    name = "images"
+    writes = ("images",)
+    sections = ("model", "images")
+    needs_ray = False
+
+    def __init__(self, tables: dict[str, pa.Table], source: RunDir, derived: str):
+        self.tables, self.source, self.derived = tables, source, derived
+
+    def run(self, ctx: StageContext) -> dict:
+        for skill in ctx.config.skills.names:
+            ctx.run.write_table(f"images/{skill}/part-0.parquet", self.tables[skill])
+        return {"counts": {s: t.num_rows for s, t in self.tables.items()}, "source": self.source.uri,
+                "derived": self.derived}
+
+
+def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None]):
+    """Train ``name``'s arm: a run whose images are ``name``'s transform of ``source``'s.
+
+    Its skills are those left with enough images to train on (the evaluator may accept too few
+    of a skill's images); returns its config, or None when no skill has enough.
     """
-    from selma.pipeline import record_config, stage_hashes
+    from selma.pipeline import run_stages
 
     transform = {"joint": lambda table: table, "filtered": filtered_images, "ground_truth": ground_truth_images}[name]
     tables = {}
@@ -154,17 +174,8 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
     if len(enough) < len(tables):
         progress(f"[world] {name}: {sorted(set(tables) - set(enough))} have fewer than {least} images; not trained")
     config = _with(config, skills__names=enough)
-    run = RunDir(config.resolved_run_dir())
-    hashes = stage_hashes(config)
-    with run.lock():
-        if not run.is_committed("images", hashes["images"]):
-            run.discard_stage("images")
-            record_config(run, config)
-            run.begin_stage("images", hashes["images"])
-            for skill in enough:
-                run.write_table(f"images/{skill}/part-0.parquet", tables[skill])
-            run.commit_stage("images", counts={s: t.num_rows for s, t in tables.items()}, source=source.uri,
-                             derived=name)
+    run_stages(config, ("images", "train"), progress=progress,
+               replaced={"images": DerivedImages(tables, source, name)})
     return config
 
 
@@ -173,9 +184,8 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
 
 def run_experiment(config, out: str | Path, arms: tuple[str, ...] = ARMS, progress: Callable[[str], None] = print) -> dict:
     """Train and score every arm into ``out``; write the report. Reruns skip what is done."""
-    from selma.eval.run import run_eval
     from selma.merge.methods import merge_experts
-    from selma.pipeline import run_stages
+    from selma.pipeline import run_eval, run_stages
 
     check_experiment(config, arms)
     out = Path(out).resolve()
@@ -201,9 +211,7 @@ def run_experiment(config, out: str | Path, arms: tuple[str, ...] = ARMS, progre
         if name not in arms:
             continue
         wanted = _with(main, run_dir=str(out / name), **({"train__mode": "joint"} if name == "joint" else {}))
-        derived = timed(name, lambda: derive_run(run, wanted, name, progress))
-        if derived is not None:
-            timed(name, lambda: run_stages(derived, ("train",), progress=progress))
+        timed(name, lambda: derive_run(run, wanted, name, progress))
 
     shared = {"base": "base", "delta_mean": "merged", "ab_mean": f"ab_mean={ab_mean}",
               "joint": f"joint={out / 'joint' / 'experts' / 'joint'}"}  # arms scored on every skill

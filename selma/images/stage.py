@@ -16,7 +16,9 @@ import pyarrow.compute as pc
 from selma.images.export import HF_FEATURES, dataset_card, with_hf_features
 from selma.images.generator import GenerationSettings, png_bytes
 from selma.core.ids import image_id, image_seed
+from selma.core.progress import Progress
 from selma.core.rundir import RunDir, new_part_name
+from selma.core.stage import StageBase, StageContext
 
 IMAGE_COLUMNS = list(HF_FEATURES)  # the contract of images/<skill>/*.parquet, in order
 
@@ -114,19 +116,33 @@ def _image_sink(run_uri: str, images_dir: str = "images", errors_dir: str = "err
     return ImageParquetSink(run_uri)
 
 
-def run_image_stage(config, run: RunDir, progress=print, poll_seconds: float = 10.0, prompt_stream=None) -> dict:
+class ImageStage(StageBase):
+    """Every written prompt's images, drawn on a pool of generator actors (Ray Data)."""
+
+    name = "images"
+    reads = ("prompts",)
+    writes = ("images",)
+    sections = ("model", "images")
+    needs = "prompts"
+
+    def run(self, ctx: StageContext) -> dict:
+        return run_image_stage(ctx.config, ctx.run, ctx.progress, prompt_stream=ctx.stream)
+
+
+def run_image_stage(config, run: RunDir, progress=None, prompt_stream=None) -> dict:
     """Draw every written prompt's images that are not yet written.
 
     ``prompt_stream`` (a Ray Dataset of prompt rows, see :mod:`selma.prompts.stage`) adds the
     prompts the prompt loop is still producing: ``selma run`` draws them as they are accepted.
     """
+    progress = Progress.of(progress)
     _, done, todo = _image_plan(config, run)
     if done:
         progress(f"[images] {len(done)} images already written, {todo.num_rows} more to draw for written prompts")
     started = time.time()
     if todo.num_rows or prompt_stream is not None:
         _draw(config, run, _planned_dataset(config, todo, prompt_stream), todo.num_rows if prompt_stream is None else None,
-              progress, poll_seconds)
+              progress)
     seconds = time.time() - started
     plan, _, _ = _image_plan(config, run)
     written_table = run.read_table("images", columns=["image_id", "skill"])
@@ -174,7 +190,7 @@ def _planned_dataset(config, todo: pa.Table, prompt_stream):
     return streamed if written is None else written.union(streamed)
 
 
-def _draw(config, run: RunDir, planned, total: int | None, progress, poll_seconds: float) -> None:
+def _draw(config, run: RunDir, planned, total: int | None, progress: Progress) -> None:
     """Run the Ray Data pipeline in a thread; report progress from the files it has written."""
     import threading
 
@@ -191,15 +207,12 @@ def _draw(config, run: RunDir, planned, total: int | None, progress, poll_second
             failure.append(err)
 
     writer = threading.Thread(target=write, name="selma-image-writer", daemon=True)
-    started, before = time.time(), _rows_written(run)
+    before = _rows_written(run)
     writer.start()
-    while writer.is_alive():
-        writer.join(poll_seconds)
-        if writer.is_alive():
-            new = _rows_written(run) - before
-            elapsed = time.time() - started
-            of_total = f"/{total}" if total is not None else ""
-            progress(f"[images] {new}{of_total} drawn ({new / elapsed:.2f} images/s, {elapsed:.0f}s)")
+    with progress.counter("images", total=total, unit="images drawn") as drawn:
+        while writer.is_alive():
+            writer.join(progress.poll_s)
+            drawn.update(_rows_written(run) - before)
     if failure:
         raise failure[0]
 

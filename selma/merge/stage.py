@@ -7,10 +7,26 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from selma.core.progress import Progress
 from selma.core.rundir import RunDir, RunDirError
+from selma.core.stage import StageBase, StageContext
 
 
-def run_merge_stage(config, run: RunDir, progress=print) -> dict:
+class MergeStage(StageBase):
+    """The experts merged into one adapter: a CPU task over adapter files, no cluster."""
+
+    name = "merge"
+    reads = ("experts",)
+    writes = ("merged",)
+    sections = ("merge",)
+    needs = "train"
+    needs_ray = False
+
+    def run(self, ctx: StageContext) -> dict:
+        return run_merge_stage(ctx.config, ctx.run, ctx.progress)
+
+
+def run_merge_stage(config, run: RunDir, progress=None) -> dict:
     from selma.merge.methods import merge_experts
 
     names = config.expert_names
@@ -26,7 +42,7 @@ def run_merge_stage(config, run: RunDir, progress=print) -> dict:
         )
         run.put_dir(out, "merged")
     fused = " (+ fused pipeline in merged/fused)" if merge.fused_pipeline else ""
-    progress(f"[merge] {merge.method} of {len(experts)} experts → {run.uri_of('merged')}{fused}")
+    Progress.of(progress)(f"[merge] {merge.method} of {len(experts)} experts → {run.uri_of('merged')}{fused}")
     return {
         "method": merge.method,
         "experts": sorted(experts),

@@ -20,13 +20,14 @@ import asyncio
 import math
 import re
 import threading
-import time
 from dataclasses import asdict
 
 import pyarrow as pa
 
-from selma.prompts.loop import Completion, PromptRow, SkillLoop, raise_if_short
+from selma.core.progress import Progress
 from selma.core.rundir import RunDir
+from selma.core.stage import StageBase, StageContext
+from selma.prompts.loop import Completion, PromptRow, SkillLoop, raise_if_short
 from selma.skills import load_registry
 
 PROMPT_SCHEMA = pa.schema(
@@ -139,10 +140,10 @@ class FilterCompletions:
 class PromptSession:
     """The driver's side of the prompt stage: the skill actors and the pipeline passes over them."""
 
-    def __init__(self, config, run: RunDir, progress=print):
+    def __init__(self, config, run: RunDir, progress=None):
         import ray
 
-        self.config, self.progress = config, progress
+        self.config, self.progress = config, Progress.of(progress)
         self.registry = registry = load_registry(config.skills.files)
         actor_class = ray.remote(num_cpus=0, max_restarts=0)(SkillLoopActor)
         self.actors = {}
@@ -153,9 +154,10 @@ class PromptSession:
             if loop.seed_rows:
                 run.write_table(f"prompts/{name}/round-00000.parquet", rows_to_table(loop.seed_rows))
             if loop.resumed_from:
-                progress(f"[prompts] {name}: resuming with {loop.resumed_from} prompts already written")
+                self.progress(f"[prompts] {name}: resuming with {loop.resumed_from} prompts already written")
             self.actors[name] = actor_class.remote(loop, run.uri)
-        self.started = time.time()
+        self.accepted = self.progress.counter(
+            "prompts", total=config.prompts.per_skill * len(config.skills.names), unit="prompts accepted")
 
     def statuses(self) -> list[dict]:
         import ray
@@ -198,9 +200,7 @@ class PromptSession:
 
     def report(self) -> None:
         statuses = self.statuses()
-        done = sum(min(s["accepted"], self.config.prompts.per_skill) for s in statuses)
-        total = self.config.prompts.per_skill * len(statuses)
-        self.progress(f"[prompts] {done}/{total} accepted ({time.time() - self.started:.1f}s)")
+        self.accepted.update(sum(min(s["accepted"], self.config.prompts.per_skill) for s in statuses))
 
     def result(self) -> dict:
         statuses = self.statuses()
@@ -211,52 +211,57 @@ class PromptSession:
     def close(self) -> None:
         import ray
 
+        self.accepted.close()
         for actor in self.actors.values():
             ray.kill(actor)
 
 
-def run_prompt_stage(config, run: RunDir, progress=print, poll_seconds: float = 10.0) -> dict:
+class PromptStage(StageBase):
+    """SELMA's prompt loop for every skill; streams accepted prompts into the image stage."""
+
+    name = "prompts"
+    writes = ("prompts",)
+    sections = ("skills", "prompts")
+    streams_to = "images"
+
+    def run(self, ctx: StageContext) -> dict:
+        return run_prompt_stage(ctx.config, ctx.run, ctx.progress)
+
+    def run_streaming(self, ctx: StageContext, consume) -> tuple[dict, dict | None]:
+        session = PromptSession(ctx.config, ctx.run, ctx.progress)
+        try:
+            consumed = None
+            while (dataset := session.pass_dataset()) is not None:
+                consumed = _with_progress(session, lambda: consume(dataset))
+            return session.result(), consumed
+        finally:
+            session.close()
+
+
+def run_prompt_stage(config, run: RunDir, progress=None) -> dict:
     """Generate ``prompts.per_skill`` accepted prompts per skill; resumes from what was written."""
     session = PromptSession(config, run, progress)
     try:
         while (dataset := session.pass_dataset()) is not None:
-            _consume(dataset, session, poll_seconds)
-        session.report()
+            _consume(dataset, session)
         return session.result()
     finally:
         session.close()
 
 
-def run_prompts_and_images(config, run: RunDir, progress=print, poll_seconds: float = 10.0) -> tuple[dict, dict]:
-    """The prompt stage streamed into the image stage: images are drawn as prompts are accepted."""
-    from selma.images.stage import run_image_stage
-
-    session = PromptSession(config, run, progress)
-    try:
-        images = None
-        while (dataset := session.pass_dataset()) is not None:
-            images = _with_progress(session, poll_seconds,
-                                    lambda: run_image_stage(config, run, progress, poll_seconds, prompt_stream=dataset))
-        session.report()
-        prompts = session.result()
-    finally:
-        session.close()
-    return prompts, images or run_image_stage(config, run, progress, poll_seconds)
-
-
-def _consume(dataset, session: PromptSession, poll_seconds: float) -> None:
+def _consume(dataset, session: PromptSession) -> None:
     def drain() -> None:
         for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             pass
 
-    _with_progress(session, poll_seconds, drain)
+    _with_progress(session, drain)
 
 
-def _with_progress(session: PromptSession, poll_seconds: float, work):
+def _with_progress(session: PromptSession, work):
     stop = threading.Event()
 
     def report() -> None:
-        while not stop.wait(poll_seconds):
+        while not stop.wait(session.progress.poll_s):
             session.report()
 
     reporter = threading.Thread(target=report, name="selma-prompt-progress", daemon=True)
@@ -269,6 +274,7 @@ def _with_progress(session: PromptSession, poll_seconds: float, work):
         raise _pipeline_error(session.config.prompts, err) from err
     finally:
         stop.set()
+        session.report()
 
 
 def _pipeline_error(config, err: Exception) -> RuntimeError:

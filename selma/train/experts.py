@@ -16,8 +16,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from selma.raylib import quiet_ray_data
+from selma.core.progress import Progress
 from selma.core.rundir import RunDir
+from selma.core.stage import StageBase, StageContext
+from selma.raylib import quiet_ray_data
 
 PROGRESS_ACTOR = "selma-train-progress"
 
@@ -339,9 +341,27 @@ def preflight_train(config) -> None:
         raise ConfigError(f"{err}") from None
 
 
-def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5.0) -> dict:
+class TrainStage(StageBase):
+    """One LoRA expert per skill (or one ``joint``), all trained at once with Ray Train."""
+
+    name = "train"
+    reads = ("images",)
+    writes = ("experts",)
+    sections = ("model", "train")
+    needs = "images"
+
+    def preflight(self, config, run: RunDir) -> None:
+        preflight_train(config)
+
+    def run(self, ctx: StageContext) -> dict:
+        return run_train_stage(ctx.config, ctx.run, ctx.progress)
+
+
+def run_train_stage(config, run: RunDir, progress=None) -> dict:
     """Train every expert concurrently (one per skill, or one ``joint``); finished experts are skipped."""
     import ray
+
+    progress = Progress.of(progress)
 
     from selma.images.generator import native_resolution
 
@@ -368,12 +388,13 @@ def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5
     if len(queue) > at_once:
         progress(f"[train] {len(queue)} experts, {at_once} at a time (cluster resources); the rest queue")
     failures: dict[str, str] = {}
-    started, last_snapshot, resumes_reported, skips_reported = time.time(), None, 0, 0
+    started, resumes_reported, skips_reported = time.time(), 0, 0
+    steps = {name: progress.counter(f"train {name}", total=t.max_steps, unit="steps") for name in todo}
     while queue or pending:
         while queue and len(pending) < at_once:
             name = queue.pop(0)
             pending[launch.remote(replace(jobs[name], progress_actor=board_name))] = name
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_seconds)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress.poll_s)
         for ref in ready:
             name = pending.pop(ref)
             try:
@@ -392,11 +413,11 @@ def run_train_stage(config, run: RunDir, progress=print, poll_seconds: float = 5
         for row in snapshot["skipped"][skips_reported:]:
             progress(f"[train] {row['skill']}: skipping unusable image {row['image_id']} ({row['problem']})")
         skips_reported = len(snapshot["skipped"])
-        state = snapshot["state"]
-        if pending and state and state != last_snapshot:
-            last_snapshot = state
-            progress("[train] " + " | ".join(f"{s} {st}/{total} loss {loss:.3f}"
-                                             for s, (st, total, loss) in sorted(state.items())))
+        for name, (step, _, loss) in snapshot["state"].items():
+            if name in steps:
+                steps[name].update(step, f"loss {loss:.3f}")
+    for counter in steps.values():
+        counter.close()
     skipped: dict[str, list[dict]] = {}
     for row in ray.get(board.snapshot.remote())["skipped"]:
         skipped.setdefault(row["skill"], []).append({"image_id": row["image_id"], "problem": row["problem"]})

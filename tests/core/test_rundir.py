@@ -46,7 +46,7 @@ def test_a_stage_is_finished_only_when_committed_with_the_same_config(run):
 def test_discard_removes_outputs_and_the_manifest_entry(run):
     run.begin_stage("images", "h")
     run.write_table("images/coco/part.parquet", pa.table({"x": [1]}))
-    run.discard_stage("images")
+    run.discard_stage("images", ("images",))
     assert not run.exists("images")
     assert run.stage("images") == {}
 

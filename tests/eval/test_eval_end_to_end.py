@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, needs_benchmarks]
 
 @pytest.fixture(scope="module")
 def evaluated(ray_local, tmp_path_factory):
-    from selma.eval.run import run_eval
+    from selma.pipeline import run_eval
 
     root = tmp_path_factory.mktemp("eval")
     lora = write_random_lora("tiny:sd", root / "adapter")
@@ -76,7 +76,7 @@ def test_the_report_compares_the_models(evaluated):
 
 
 def test_a_rerun_draws_and_answers_nothing_again(evaluated):
-    from selma.eval.run import run_eval
+    from selma.pipeline import run_eval
 
     config, run, _, _ = evaluated
     messages: list[str] = []
@@ -88,7 +88,7 @@ def test_a_rerun_draws_and_answers_nothing_again(evaluated):
 def test_tifa_questions_in_the_release_format_scored_with_vqascore(ray_local, tmp_path):
     import json
 
-    from selma.eval.run import run_eval
+    from selma.pipeline import run_eval
     from selma.eval.tifa import load_tifa_prompts
 
     prompts = {p["item_id"]: p["prompt"] for p in load_tifa_prompts(BENCHMARKS / "tifa_v1.0_text_inputs.json")}
