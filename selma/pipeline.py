@@ -35,14 +35,21 @@ STAGES = (
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
-def stage_hashes(config) -> dict[str, str]:
-    """Each stage's hash covers its own sections and every upstream stage's hash."""
+def stage_hashes(config, *, legacy: bool = False) -> dict[str, str]:
+    """Each stage's hash covers its own sections and every upstream stage's hash; ``legacy``: the
+    hashes run directories recorded before ``resources`` replaced each section's compute keys."""
     hashes, upstream = {}, ""
     for stage in STAGES:
-        own = config.section_hash(*stage.sections)
+        own = config.legacy_section_hash(*stage.sections) if legacy else config.section_hash(*stage.sections)
         upstream = hashlib.sha256(f"{upstream}:{own}".encode()).hexdigest()[:16]
         hashes[stage.name] = upstream
     return hashes
+
+
+def accepted_hashes(config) -> dict[str, tuple[str, str]]:
+    """Each stage's hash, then its legacy hash: a stage committed under either is this config's."""
+    current, legacy = stage_hashes(config), stage_hashes(config, legacy=True)
+    return {name: (current[name], legacy[name]) for name in STAGE_NAMES}
 
 
 def record_config(run: RunDir, config) -> None:
@@ -57,20 +64,20 @@ def record_config(run: RunDir, config) -> None:
 def plan_stages(config, run: RunDir, names: tuple[str, ...], *, restart: bool = False) -> list[str]:
     """The stages of ``names`` that must run, in order; raises :class:`RunDirError` if the run cannot
     take them (a stage made under another config, an upstream stage missing). Reads only."""
-    hashes = stage_hashes(config)
+    hashes = accepted_hashes(config)
     discarded = set(STAGE_NAMES[STAGE_NAMES.index(names[0]):]) if restart else set()
     pending = [s.name for s in STAGES if s.name in names
-               and (s.name in discarded or not run.is_committed(s.name, hashes[s.name]))]
+               and (s.name in discarded or not run.is_committed(s.name, *hashes[s.name]))]
     if not pending:
         return pending
     index = STAGE_NAMES.index(pending[0])
     upstream = STAGE_NAMES[index - 1] if index else None
-    if upstream and (upstream in discarded or not run.is_committed(upstream, hashes[upstream])):
+    if upstream and (upstream in discarded or not run.is_committed(upstream, *hashes[upstream])):
         raise RunDirError(f"{run.uri}: stage {pending[0]!r} needs stage {upstream!r} committed with this config; "
                           f"run `selma {upstream}` (or `selma run`) first")
     for name in pending:
         if name not in discarded:
-            run.check_stage_config(name, hashes[name])
+            run.check_stage_config(name, *hashes[name])
     return pending
 
 
@@ -89,7 +96,7 @@ def run_stages(config, names: tuple[str, ...] = STAGE_NAMES, *, restart: bool = 
             stage.load(stage.preflight)(config)
     with run.lock():
         pending = plan_stages(config, run, names, restart=restart)  # again, now that no one else writes
-        hashes = stage_hashes(config)
+        hashes = accepted_hashes(config)
         if restart:
             for later in STAGE_NAMES[STAGE_NAMES.index(names[0]):]:
                 run.discard_stage(later)
@@ -105,7 +112,7 @@ def run_stages(config, names: tuple[str, ...] = STAGE_NAMES, *, restart: bool = 
                 continue
             together = ["prompts", "images"] if stage.name == "prompts" and "images" in pending else [stage.name]
             for name in together:
-                run.begin_stage(name, hashes[name])
+                run.begin_stage(name, *hashes[name])
             try:
                 if stage.needs_ray:
                     init_ray(config.ray)

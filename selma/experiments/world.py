@@ -136,7 +136,7 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
     Returns the run's config, whose skills are those left with enough images to train on (the
     evaluator may accept too few of a skill's images), or None when no skill is.
     """
-    from selma.pipeline import record_config, stage_hashes
+    from selma.pipeline import accepted_hashes, record_config
 
     transform = {"joint": lambda table: table, "filtered": filtered_images, "ground_truth": ground_truth_images}[name]
     tables = {}
@@ -146,7 +146,7 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
             raise RuntimeError(f"{source.uri} has no images of {skill}; the SELMA run must finish first")
         tables[skill] = transform(images)
         progress(f"[world] {name}: {tables[skill].num_rows} of {images.num_rows} {skill} images")
-    least = config.train.batch_size * config.train.num_workers
+    least = config.train.batch_size * config.train.resources.workers
     enough = [s for s, t in tables.items() if t.num_rows >= least] if name != "joint" else list(tables)
     if not enough:
         progress(f"[world] {name}: no skill has the {least} images a training step needs; not trained")
@@ -155,12 +155,12 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
         progress(f"[world] {name}: {sorted(set(tables) - set(enough))} have fewer than {least} images; not trained")
     config = _with(config, skills__names=enough)
     run = RunDir(config.resolved_run_dir())
-    hashes = stage_hashes(config)
+    hashes = accepted_hashes(config)
     with run.lock():
-        if not run.is_committed("images", hashes["images"]):
+        if not run.is_committed("images", *hashes["images"]):
             run.discard_stage("images")
             record_config(run, config)
-            run.begin_stage("images", hashes["images"])
+            run.begin_stage("images", *hashes["images"])
             for skill in enough:
                 run.write_table(f"images/{skill}/part-0.parquet", tables[skill])
             run.commit_stage("images", counts={s: t.num_rows for s, t in tables.items()}, source=source.uri,
