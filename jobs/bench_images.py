@@ -36,14 +36,15 @@ def plain_loop(prompts, seeds, args) -> dict:
 
 
 def ray_stage(table, args, actors: int) -> dict:
+    from selma.core.config import Resources
+    from selma.core.rundir import RunDir
     from selma.images.generator import GenerationSettings
     from selma.images.stage import image_dataset, write_images
-    from selma.core.rundir import RunDir
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(tmp)
         dataset = image_dataset(table, args.model, GenerationSettings(steps=args.steps, guidance_scale=7.5),
-                                batch_size=args.batch_size, actors=(actors, actors), cpus_per_actor=1)
+                                batch_size=args.batch_size, resources=Resources(workers=actors, cpus=1), min_actors=actors)
         started = time.time()
         write_images(dataset, run)
         total = time.time() - started

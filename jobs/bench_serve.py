@@ -60,7 +60,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from selma.core.config import ServeConfig
+    from selma.core.config import Resources, ServeConfig
     from selma.core.models import resolve_model
     from selma.serve.app import build_app, serve_run
 
@@ -70,11 +70,11 @@ def main() -> None:
     body = {"prompt": "three red apples next to a blue chair", "size": f"{args.size}x{args.size}",
             "steps": args.steps}
     clients = [int(c) for c in args.clients.split(",")]
-    results: dict = {"model": args.model, "steps": args.steps, "size": args.size, "gpus_per_replica": args.gpus,
-                     "cpus_per_replica": args.cpus, "max_batch_size": args.batch}
+    results: dict = {"model": args.model, "steps": args.steps, "size": args.size,
+                     "resources": {"gpus": args.gpus, "cpus": args.cpus}, "max_batch_size": args.batch}
     for name, batch in (("batching_on", args.batch), ("batching_off", 1)):
         config = ServeConfig(max_batch_size=batch, batch_wait_timeout_s=0.05, max_ongoing_requests=max(16, batch),
-                             max_queued_requests=256, gpus_per_replica=args.gpus, cpus_per_replica=args.cpus,
+                             max_queued_requests=256, resources=Resources(gpus=args.gpus, cpus=args.cpus),
                              max_steps=max(100, args.steps))
         port = free_port()
         serve_run(build_app(config, base_model=model, default_steps=args.steps), "127.0.0.1", port, blocking=False)

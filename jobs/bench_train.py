@@ -36,7 +36,7 @@ def plain_loop(run_dir: Path, skill: str, config, warmup: int) -> float:
     from selma.train.step import LoraSettings, LoraTrainStep, OptimizerSettings, load_training_components
 
     t = config.train
-    torch.set_num_threads(int(t.cpus_per_worker))
+    torch.set_num_threads(int(t.resources.cpus))
     rows = pq.ParquetDataset(sorted((run_dir / "images" / skill).glob("*.parquet"))).read().to_pydict()
     prepare = PrepareTrainingBatch(config.model, 64)
     torch.manual_seed(0)
@@ -83,8 +83,8 @@ def main() -> None:
             # logical CPUs: each expert holds 1 for its worker (1 torch thread) and 1 for its data pipeline
             "ray.num_cpus=4",
             f"train.batch_size={args.batch}", f"train.effective_batch_size={args.batch}",
-            f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.cpus_per_worker=1",
-            "train.num_workers=1"]
+            f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.resources.cpus=1",
+            "train.resources.workers=1"]
     results: dict = {"machine": "cpu", "model": "tiny:sd", "batch": args.batch, "steps": args.steps,
                      "warmup_steps": args.warmup, "threads_per_trainer": 1}
     with tempfile.TemporaryDirectory(prefix="selma-bench-train-") as tmp:

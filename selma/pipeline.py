@@ -40,15 +40,22 @@ def _stages(replaced: Mapping[str, Stage] | None = None) -> tuple[Stage, ...]:
     return tuple(replaced.get(stage.name, stage) for stage in STAGES)
 
 
-def stage_hashes(config) -> dict[str, str]:
-    """Each chained stage's hash covers its own sections and every upstream stage's hash."""
+def stage_hashes(config, *, legacy: bool = False) -> dict[str, str]:
+    """Each chained stage's hash covers its own sections and every upstream stage's hash; ``legacy``:
+    the hashes run directories recorded before ``resources`` replaced each section's compute keys."""
     hashes, upstream = {}, ""
     for stage in STAGES:
         if stage.chained:
-            own = config.section_hash(*stage.sections)
+            own = config.legacy_section_hash(*stage.sections) if legacy else config.section_hash(*stage.sections)
             upstream = hashlib.sha256(f"{upstream}:{own}".encode()).hexdigest()[:16]
             hashes[stage.name] = upstream
     return hashes
+
+
+def accepted_hashes(config) -> dict[str, tuple[str, str]]:
+    """Each chained stage's hash, then its legacy hash: a stage committed under either is this config's."""
+    current, legacy = stage_hashes(config), stage_hashes(config, legacy=True)
+    return {name: (current[name], legacy[name]) for name in current}
 
 
 def record_config(run: RunDir, config) -> None:
@@ -66,11 +73,11 @@ def plan_stages(config, run: RunDir, names: tuple[str, ...], *, restart: bool = 
     take them (a stage made under another config, a stage it needs missing). Reads only."""
     stages = _stages(replaced)
     by_name = {stage.name: stage for stage in stages}
-    hashes = stage_hashes(config)
+    hashes = accepted_hashes(config)
     discarded = _discarded_by_restart(names) if restart else set()
 
     def committed(name: str) -> bool:
-        return name not in discarded and run.is_committed(name, hashes[name])
+        return name not in discarded and run.is_committed(name, *hashes[name])
 
     pending = [s for s in stages if s.name in names and (not s.chained or not committed(s.name))]
     for stage in pending:
@@ -78,7 +85,7 @@ def plan_stages(config, run: RunDir, names: tuple[str, ...], *, restart: bool = 
             raise RunDirError(f"{run.uri}: stage {stage.name!r} needs stage {stage.needs!r} committed with this "
                               f"config; run `selma {stage.needs}` (or `selma run`) first")
         if stage.chained and stage.name not in discarded:
-            run.check_stage_config(stage.name, hashes[stage.name])
+            run.check_stage_config(stage.name, *hashes[stage.name])
     return pending
 
 
@@ -101,7 +108,7 @@ def _streaming_pairs(pending: list[Stage]) -> list[list[Stage]]:
 
 def _on(stage: Stage, config) -> str:
     resources = stage.resources(config)
-    return f" on {resources.describe()}" if resources is not None and hasattr(resources, "describe") else ""
+    return f" on {resources.describe()}" if resources is not None else ""
 
 
 def run_stages(config, names: tuple[str, ...] = RUN_STAGE_NAMES, *, restart: bool = False,
@@ -119,7 +126,7 @@ def run_stages(config, names: tuple[str, ...] = RUN_STAGE_NAMES, *, restart: boo
         stage.preflight(config, run)
     with run.lock():
         pending = plan_stages(config, run, names, restart=restart, replaced=replaced)  # again, now no one else writes
-        hashes = stage_hashes(config)
+        hashes = accepted_hashes(config)
         if restart:
             for stage in _stages(replaced):
                 if stage.name in _discarded_by_restart(names):
@@ -135,9 +142,9 @@ def run_stages(config, names: tuple[str, ...] = RUN_STAGE_NAMES, *, restart: boo
     return summarize(run)
 
 
-def _run_group(group: list[Stage], config, run: RunDir, hashes: dict[str, str], progress: Progress) -> None:
+def _run_group(group: list[Stage], config, run: RunDir, hashes: dict[str, tuple[str, str]], progress: Progress) -> None:
     for stage in group:
-        run.begin_stage(stage.name, hashes.get(stage.name) if stage.chained else None)
+        run.begin_stage(stage.name, *(hashes[stage.name] if stage.chained else (None,)))
     ctx = StageContext(config, run, progress)
     try:
         if any(stage.needs_ray for stage in group):

@@ -51,6 +51,8 @@ def selma_in_process(capsys, *argv) -> tuple[int, str]:
 # name: (argv builder given (run, tmp_path), the start of the message after "selma: ")
 CONFIG_CASES = {
     "unknown field": (lambda r, t: ["config", "validate", "images.stepz=5"], r"images\.stepz: unknown field"),
+    "a key resources replaced": (lambda r, t: ["config", "validate", "images.num_actors=2"],
+                                 r"images\.num_actors: replaced by images\.resources\.workers"),
     "out of range": (lambda r, t: ["config", "validate", "images.steps=0"], r"images\.steps: .*greater than or equal to 1"),
     "wrong type": (lambda r, t: ["config", "validate", "train.rank=abc"], r"train\.rank: .*integer"),
     "override without =": (lambda r, t: ["config", "validate", "images.steps"], r"override 'images\.steps' is not of the form"),

@@ -33,6 +33,10 @@ def test_every_shipped_stage_implements_the_protocol_consistently():
     assert by_name["prompts"].streams_to == "images"
     assert by_name["train"].writes == ("experts",) and by_name["merge"].writes == ("merged",)
     assert not by_name["eval"].chained
+    config = load_config("tiny", ["images.resources={workers: 2, gpus: 0.5, custom: {gpu_node: 1}}"])
+    assert by_name["images"].resources(config) is config.images.resources
+    assert config.images.resources.describe() == "2 workers × (1 CPU, 0.5 GPU, gpu_node 1)"
+    assert by_name["train"].resources(config) is config.train.resources and by_name["merge"].resources(config) is None
 
 
 def test_stage_hashes_chain_only_the_stages_selma_run_commits():

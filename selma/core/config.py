@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Iterator, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from selma.core.errors import ConfigError
 
@@ -23,8 +24,83 @@ DEFAULT_SKILLS = ["coco", "localized_narratives", "countbench", "whoops", "diffu
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+REPLACED_KEY_ERROR = "replaced_key"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # The compute keys the section had before ``resources``, old key → field of Resources: refused
+    # in a config, read in the run.json of runs made before.
+    replaced_keys: ClassVar[dict[str, str]] = {}
+    # The fields of ``resources`` that change what the stage writes, so stay in its hash.
+    hashed_resources: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            replaced = {old: f"resources.{new}" for old, new in cls.replaced_keys.items() if old in data}
+            if replaced:
+                raise PydanticCustomError(REPLACED_KEY_ERROR, "keys replaced by resources: {replaced}",
+                                          {"replaced": replaced})
+        return data
+
+
+class Resources(_Section):
+    """What a stage runs on: how many workers, and what each one asks Ray for."""
+
+    workers: int = Field(1, ge=1, description="actors, LLM engines or clients, trainer workers, or model replicas")
+    cpus: float = Field(1, gt=0, description="CPUs per worker; a CPU worker also runs this many torch threads")
+    gpus: float = Field(0, ge=0, description="GPUs per worker; 0 runs on CPUs")
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {gpu_node: 1} to pin it to a node type")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type each worker needs, e.g. A100 or H100")
+
+    @property
+    def cpu_threads(self) -> int | None:
+        """torch threads of a CPU worker (its whole CPUs, at least one); None for a GPU worker."""
+        return None if self.gpus else max(1, int(self.cpus))
+
+    def describe(self) -> str:
+        """e.g. ``2 workers × (1 CPU, 1 GPU A100, gpu_node 1)``."""
+        each = [f"{self.cpus:g} CPU"] + ([f"{self.gpus:g} GPU"] if self.gpus else [])
+        if self.accelerator_type:
+            each[-1] += f" {self.accelerator_type}"
+        each += [f"{name} {amount:g}" for name, amount in sorted(self.custom.items())]
+        return f"{self.workers} worker{'s' if self.workers != 1 else ''} × ({', '.join(each)})"
+
+    def ray_options(self) -> dict[str, Any]:
+        """One worker's options for ``ray.remote``, Ray Data's ``map_batches`` and Serve's
+        ``ray_actor_options``."""
+        options: dict[str, Any] = {"num_cpus": self.cpus}
+        if self.gpus:
+            options["num_gpus"] = self.gpus
+        if self.custom:
+            options["resources"] = dict(self.custom)
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+        return options
+
+    def per_worker(self) -> dict[str, float]:
+        """One worker's resources as Ray names them (``CPU``, ``GPU``, custom): Ray Train's
+        ``resources_per_worker``, a placement group bundle."""
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.custom}
+
+    def scaling_config(self):
+        """Ray Train's ``ScalingConfig`` for these workers."""
+        from ray.train import ScalingConfig
+
+        return ScalingConfig(num_workers=self.workers, use_gpu=bool(self.gpus),
+                             resources_per_worker=self.per_worker(), accelerator_type=self.accelerator_type)
+
+    def total(self) -> dict[str, float]:
+        """What all the workers hold together."""
+        return {"CPU": self.workers * self.cpus, "GPU": self.workers * self.gpus,
+                **{name: self.workers * amount for name, amount in self.custom.items()}}
+
+
+_ACTOR_KEYS = {"num_actors": "workers", "gpus_per_actor": "gpus", "cpus_per_actor": "cpus"}
 
 
 class SkillsConfig(_Section):
@@ -63,6 +139,8 @@ class OpenAIEndpointConfig(_Section):
 class LLMConfig(_Section):
     """An LLM backend: what the prompt stage and DSG question generation run on."""
 
+    replaced_keys = {"concurrency": "workers", "gpus_per_worker": "gpus", "cpus_per_worker": "cpus"}
+
     backend: Literal["template", "transformers", "vllm", "openai"] = Field(
         "template", description="template: offline phrase generator for demos and tests, not an LLM")
     model: str | None = Field(None, description="LLM path or hub id (the model name sent to an openai endpoint)")
@@ -73,9 +151,8 @@ class LLMConfig(_Section):
     sampling_params: dict[str, Any] = Field(
         default_factory=dict, description="vllm/openai: extra sampling parameters (stop, repetition_penalty, ...)")
     batch_size: int = Field(16, ge=1, description="requests per LLM batch")
-    concurrency: int = Field(1, ge=1, description="LLM workers (engines, model replicas or HTTP clients)")
-    gpus_per_worker: float = Field(0, ge=0, description="transformers/vllm: GPUs per worker; 0 runs on CPU")
-    cpus_per_worker: float = Field(1, gt=0)
+    resources: Resources = Field(
+        default_factory=Resources, description="workers: vLLM engines, transformers model actors or HTTP clients")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments")
     openai: OpenAIEndpointConfig = Field(default_factory=OpenAIEndpointConfig)
 
@@ -107,6 +184,8 @@ class PromptsConfig(LLMConfig):
 
 
 class ImagesConfig(_Section):
+    replaced_keys = {**_ACTOR_KEYS, "resources_per_actor": "custom"}
+
     model: str | None = Field(None, description="generating model; defaults to the top-level model")
     steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0)
@@ -114,11 +193,7 @@ class ImagesConfig(_Section):
     images_per_prompt: int = Field(1, ge=1)
     negative_prompt: str | None = None
     batch_size: int = Field(4, ge=1)
-    num_actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0, ge=0)
-    cpus_per_actor: float = Field(1, gt=0)
-    resources_per_actor: dict[str, float] = Field(
-        default_factory=dict, description="custom Ray resources per generator actor, e.g. {gpu_node: 1}")
+    resources: Resources = Field(default_factory=Resources, description="workers: generator actors")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the UNet (pays off on GPUs for long runs)")
@@ -139,6 +214,11 @@ JOINT_EXPERT = "joint"
 
 
 class TrainConfig(_Section):
+    replaced_keys = {"num_workers": "workers", "use_gpu": "gpus", "cpus_per_worker": "cpus",
+                     "resources_per_worker": "custom"}
+    # Each worker trains on its own shard, and the gradient accumulation follows the worker count.
+    hashed_resources = frozenset({"workers"})
+
     mode: Literal["experts", "joint"] = Field(
         "experts", description="experts: one LoRA per skill (SELMA); joint: one LoRA on all skills' data (the paper's baseline)")
     rank: int = Field(128, ge=1)
@@ -160,11 +240,8 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: int = Field(2, ge=0, le=3)
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = True
-    cpus_per_worker: float = Field(1, gt=0)
-    resources_per_worker: dict[str, float] = Field(
-        default_factory=dict, description="custom Ray resources per worker, e.g. {gpu_node: 1} to pin experts to a node type")
+    resources: Resources = Field(default_factory=lambda: Resources(gpus=1),
+                                 description="each expert's Ray Train workers (data parallel)")
     data_cpus: float = Field(1, gt=0, description="CPUs per Ray Data task that decodes and tokenises")
     data_workers: int = Field(4, ge=1, description="concurrent Ray Data preprocessing tasks per expert")
     checkpoint_every: int = Field(500, ge=1)
@@ -175,19 +252,19 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _batch_fits(self) -> "TrainConfig":
-        per_step = self.batch_size * self.num_workers
+        per_step = self.batch_size * self.resources.workers
         if self.effective_batch_size % per_step:
             raise ValueError(
                 f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
-                f"batch_size × num_workers ({per_step})"
+                f"batch_size × resources.workers ({per_step})"
             )
-        if self.strategy == "deepspeed" and self.mixed_precision == "fp16" and not self.use_gpu:
-            raise ValueError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+        if self.strategy == "deepspeed" and self.mixed_precision == "fp16" and not self.resources.gpus:
+            raise ValueError("mixed_precision fp16 needs a GPU (resources.gpus); use bf16 or no on CPU")
         return self
 
     @property
     def gradient_accumulation_steps(self) -> int:
-        return self.effective_batch_size // (self.batch_size * self.num_workers)
+        return self.effective_batch_size // (self.batch_size * self.resources.workers)
 
 
 class MergeConfig(_Section):
@@ -216,16 +293,17 @@ class ServeAutoscalingConfig(_Section):
 
 
 class ServeConfig(_Section):
+    replaced_keys = {"num_replicas": "workers", "gpus_per_replica": "gpus", "cpus_per_replica": "cpus"}
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     model: str = Field("merged", description="default model of requests without one: base, merged or expert-<name>")
     max_batch_size: int = Field(4, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
-    num_replicas: int = Field(1, ge=1, description="model replicas when autoscaling is not set")
+    resources: Resources = Field(
+        default_factory=Resources, description="workers: model replicas when autoscaling is not set")
     autoscaling: ServeAutoscalingConfig | None = None
     max_loaded_adapters: int = Field(4, ge=1, description="LoRA adapters kept loaded per replica (LRU)")
-    gpus_per_replica: float = Field(0, ge=0)
-    cpus_per_replica: float = Field(1, gt=0)
     max_ongoing_requests: int = Field(8, ge=1)
     max_queued_requests: int = Field(64, ge=1)
     default_steps: int | None = Field(None, ge=1, description="None: images.steps")
@@ -254,6 +332,8 @@ class QuestionLLMConfig(LLMConfig):
 
 
 class VQAConfig(_Section):
+    replaced_keys = _ACTOR_KEYS
+
     backend: Literal["transformers", "vqascore", "vllm", "world"] = Field(
         "transformers", description="transformers: free-form answers; vqascore: P(yes); vllm: vLLM multimodal; "
                                     "world: the shapes world's exact evaluator (no model)")
@@ -263,13 +343,13 @@ class VQAConfig(_Section):
     max_new_tokens: int = Field(16, ge=1)
     prompt_template: str | None = Field(None, description="e.g. 'Question: {question} Answer:'; None: the model's chat template")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    num_actors: int = Field(1, ge=1, description="VQA actors the questions are sharded across")
-    gpus_per_actor: float = Field(0, ge=0)
-    cpus_per_actor: float = Field(1, gt=0)
+    resources: Resources = Field(default_factory=Resources, description="workers: VQA actors the questions are sharded across")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments")
 
 
 class EvalConfig(_Section):
+    replaced_keys = _ACTOR_KEYS
+
     models: list[str] = Field(
         default_factory=lambda: ["base", "merged"],
         description="base, merged, expert-<name>, experts (every expert), or a LoRA folder: PATH or NAME=PATH")
@@ -296,9 +376,7 @@ class EvalConfig(_Section):
     seed: int = Field(0, description="image seeds derive from it and the prompt, identical for every model")
     steps: int | None = Field(None, ge=1, description="None: images.steps")
     batch_size: int = Field(4, ge=1, description="images per generation batch")
-    num_actors: int = Field(1, ge=1, description="image generation actors per model")
-    gpus_per_actor: float = Field(0, ge=0)
-    cpus_per_actor: float = Field(1, gt=0)
+    resources: Resources = Field(default_factory=Resources, description="workers: image generation actors per model")
 
     @field_validator("models")
     @classmethod
@@ -343,13 +421,79 @@ class SelmaConfig(_Section):
         return self.run_dir or str(Path("runs") / self.name)
 
     def section_hash(self, *sections: str) -> str:
-        """A stable hash of the named sections, used to tell whether a committed stage is stale."""
+        """A stable hash of the named sections, used to tell whether a committed stage is stale.
+        Resources are left out (they change where a stage runs, not what it writes) but for the
+        fields a section names in ``hashed_resources``."""
         data = self.model_dump(mode="json")
-        payload = json.dumps({s: data[s] for s in sections}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        for path, section in resource_sections(SelmaConfig):
+            node = _node(data, path)
+            if node is not None:
+                hashed = {k: v for k, v in node.pop("resources").items() if k in section.hashed_resources}
+                if hashed:
+                    node["resources"] = hashed
+        return _hash({s: data[s] for s in sections})
+
+    def legacy_section_hash(self, *sections: str) -> str:
+        """:meth:`section_hash` as it was before ``resources`` replaced each section's compute keys,
+        which it hashed with the rest: what run directories written then recorded."""
+        data = legacy_layout(self.model_dump(mode="json"))
+        return _hash({s: data[s] for s in sections})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resource_sections(model: type[BaseModel], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], type[_Section]]]:
+    """(path, class) of every section under ``model`` with a ``resources`` field, e.g.
+    (("eval", "vqa"), VQAConfig)."""
+    for name, field in model.model_fields.items():
+        for member in (field.annotation, *get_args(field.annotation)):
+            if isinstance(member, type) and issubclass(member, _Section) and member is not Resources:
+                if "resources" in member.model_fields:
+                    yield (*path, name), member
+                yield from resource_sections(member, (*path, name))
+
+
+def _node(data: dict, path: tuple[str, ...]) -> dict | None:
+    for part in path:
+        data = data.get(part) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def legacy_layout(data: dict) -> dict:
+    """``data`` (a config as a dict, changed in place) as it was laid out before ``resources``: each
+    section's resources moved back into the keys they replaced."""
+    for path, section in resource_sections(SelmaConfig):
+        node = _node(data, path)
+        if node is not None:
+            legacy_section(node, section)
+    return data
+
+
+def legacy_section(node: dict, section: type[_Section]) -> dict:
+    """One section's dict (changed in place) in the layout before ``resources``. What the old keys
+    could not say (``accelerator_type``; ``custom`` where there was no such key) is dropped."""
+    resources = node.pop("resources")
+    for old, new in section.replaced_keys.items():
+        # train.use_gpu meant one GPU per worker.
+        node[old] = resources[new] > 0 if old == "use_gpu" else resources[new]
+    return node
+
+
+def upgrade_recorded_config(data: dict) -> dict:
+    """A config recorded in run.json before ``resources`` (changed in place) in today's layout; a
+    config the user writes is refused with the old keys instead."""
+    for path, section in resource_sections(SelmaConfig):
+        node = _node(data, path) or {}
+        for old in [key for key in section.replaced_keys if key in node]:
+            value = node.pop(old)
+            # train.use_gpu meant one GPU per worker.
+            node.setdefault("resources", {})[section.replaced_keys[old]] = int(bool(value)) if old == "use_gpu" else value
+    return data
 
 
 def preset_names() -> list[str]:
@@ -418,6 +562,9 @@ def format_validation_error(err: ValidationError) -> str:
     lines = []
     for problem in err.errors():
         field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        if problem["type"] == REPLACED_KEY_ERROR:
+            lines += [f"{field}.{old}: replaced by {field}.{new}" for old, new in problem["ctx"]["replaced"].items()]
+            continue
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
             message = "unknown field"

@@ -258,25 +258,28 @@ class RunDir:
             self.write_json(MANIFEST, manifest)
             return entry
 
-    def is_committed(self, name: str, config_hash: str) -> bool:
+    def is_committed(self, name: str, *config_hashes: str) -> bool:
+        """Whether stage ``name`` was committed under one of ``config_hashes``."""
         entry = self.stage(name)
-        return entry.get("status") == "committed" and entry.get("config_hash") == config_hash
+        return entry.get("status") == "committed" and entry.get("config_hash") in config_hashes
 
-    def check_stage_config(self, name: str, config_hash: str) -> None:
-        """Refuse to mix rows made under another config into a stage of this run."""
+    def check_stage_config(self, name: str, config_hash: str, *earlier_hashes: str) -> None:
+        """Refuse to mix rows made under another config into a stage of this run; a stage begun
+        under one of ``earlier_hashes`` (the same config, hashed as an earlier selma did) is this config's."""
         entry = self.stage(name)
         recorded = entry.get("config_hash")
-        if recorded and recorded != config_hash:
+        if recorded and recorded not in (config_hash, *earlier_hashes):
             raise RunDirError(
                 f"{self.uri}: stage {name!r} was {'committed' if entry.get('status') == 'committed' else 'started'} "
                 f"with a different config (hash {recorded}, now {config_hash}). Use a new --run-dir, "
                 f"or `selma {name} ... --restart` to discard it and everything after it."
             )
 
-    def begin_stage(self, name: str, config_hash: str | None) -> None:
-        """Mark ``name`` running; with a ``config_hash``, refuse rows made under another config."""
+    def begin_stage(self, name: str, config_hash: str | None, *earlier_hashes: str) -> None:
+        """Mark ``name`` running; with a ``config_hash``, refuse rows made under another config
+        (one of ``earlier_hashes`` is this config's, hashed as an earlier selma did)."""
         if config_hash is not None:
-            self.check_stage_config(name, config_hash)
+            self.check_stage_config(name, config_hash, *earlier_hashes)
         entry = self.stage(name)
         self.update_stage(
             name,

@@ -285,8 +285,8 @@ def draw_eval_images(config, run: RunDir, model: EvalModel, benchmark: str, ques
         progress(f"[eval] {model.name}/{benchmark}: drawing {todo.num_rows} images ({len(done)} already drawn)")
         started = time.time()
         dataset = draw_images(ray.data.from_arrow(batched_blocks(todo, cfg.batch_size)), config.model,
-                              generation_settings(config), batch_size=cfg.batch_size, actors=(1, cfg.num_actors),
-                              cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor, lora=model.lora)
+                              generation_settings(config), batch_size=cfg.batch_size, resources=cfg.resources,
+                              lora=model.lora)
         write_images(dataset, run, images_dir, errors_dir)
         progress(f"[eval] {model.name}/{benchmark}: drew {todo.num_rows} images in {time.time() - started:.1f}s")
     written = run.read_table("eval", model.name, "images", benchmark, columns=["image_id", "prompt_id", "prompt"])
@@ -384,11 +384,16 @@ class AnswerImages:
         return answers, probabilities
 
 
-def answers_key(config, images: str, questions: pa.Table) -> str:
+def answers_key(config, images: str, questions: pa.Table, *, legacy: bool = False) -> str:
+    """What the answers depend on; not the VQA actors' resources. ``legacy``: the key as written
+    before ``resources`` replaced ``eval.vqa``'s compute keys, which it included."""
+    from selma.core.config import VQAConfig, legacy_section
+
     cfg = config.eval
     text = json.dumps(questions.select(["item_id", "question_id", "question", "choices", "answer", "parents"]).to_pylist(),
                       sort_keys=True)
-    return _key(images, cfg.vqa.model_dump(), cfg.rewards, cfg.answer_encoder, hashlib.sha256(text.encode()).hexdigest())
+    vqa = legacy_section(cfg.vqa.model_dump(), VQAConfig) if legacy else cfg.vqa.model_dump(exclude={"resources"})
+    return _key(images, vqa, cfg.rewards, cfg.answer_encoder, hashlib.sha256(text.encode()).hexdigest())
 
 
 def _read_image_files(batch: pa.Table, run_uri: str) -> pa.Table:
@@ -411,11 +416,10 @@ def answer_questions(config, run: RunDir, model: EvalModel, benchmark: str, ques
     # and would starve once the VQA actors hold every CPU.
     dataset = ray.data.from_items([{"path": f} for f in files]).map_batches(
         _read_image_files, fn_kwargs={"run_uri": run.uri}, batch_size=1, batch_format="pyarrow", num_cpus=0)
-    threads = max(1, int(cfg.vqa.cpus_per_actor)) if not cfg.vqa.gpus_per_actor else None
     answered = dataset.map_batches(
-        AnswerImages, fn_constructor_args=(cfg, by_item, threads, benchmark), batch_size=4, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.vqa.num_actors), num_cpus=cfg.vqa.cpus_per_actor,
-        num_gpus=cfg.vqa.gpus_per_actor or None)
+        AnswerImages, fn_constructor_args=(cfg, by_item, cfg.vqa.resources.cpu_threads, benchmark), batch_size=4,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.vqa.resources.workers),
+        **cfg.vqa.resources.ray_options())
     started = time.time()
     results = {row["image_id"]: row for row in answered.take_all()}
     progress(f"[eval] {model.name}/{benchmark}: answered {sum(len(r['question_ids']) for r in results.values())} "
@@ -455,7 +459,8 @@ def evaluate_model(config, run: RunDir, model: EvalModel, questions: dict[str, p
         images = draw_eval_images(config, run, model, benchmark, table, drawn_key, progress)
         key = answers_key(config, drawn_key, table)
         done = previous.get("benchmarks", {}).get(benchmark, {})
-        if done.get("key") == key and done.get("images") == images.num_rows:
+        up_to_date = done.get("key") in (key, answers_key(config, drawn_key, table, legacy=True))
+        if up_to_date and done.get("images") == images.num_rows:
             progress(f"[eval] {model.name}/{benchmark}: answers up to date, skipping")
             summary["benchmarks"][benchmark] = done
             continue

@@ -166,7 +166,7 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
             raise RuntimeError(f"{source.uri} has no images of {skill}; the SELMA run must finish first")
         tables[skill] = transform(images)
         progress(f"[world] {name}: {tables[skill].num_rows} of {images.num_rows} {skill} images")
-    least = config.train.batch_size * config.train.num_workers
+    least = config.train.batch_size * config.train.resources.workers
     enough = [s for s, t in tables.items() if t.num_rows >= least] if name != "joint" else list(tables)
     if not enough:
         progress(f"[world] {name}: no skill has the {least} images a training step needs; not trained")

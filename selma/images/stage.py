@@ -8,6 +8,7 @@ skips every ``image_id`` already written.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,9 @@ from selma.core.ids import image_id, image_seed
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir, new_part_name
 from selma.core.stage import StageBase, StageContext
+
+if TYPE_CHECKING:
+    from selma.core.config import Resources
 
 IMAGE_COLUMNS = list(HF_FEATURES)  # the contract of images/<skill>/*.parquet, in order
 
@@ -196,8 +200,7 @@ def _draw(config, run: RunDir, planned, total: int | None, progress: Progress) -
 
     cfg = config.images
     dataset = draw_images(planned, config.image_model, GenerationSettings.from_config(cfg), batch_size=cfg.batch_size,
-                          actors=(1, cfg.num_actors), cpus_per_actor=cfg.cpus_per_actor,
-                          gpus_per_actor=cfg.gpus_per_actor, resources=cfg.resources_per_actor)
+                          resources=cfg.resources)
     failure: list[BaseException] = []
 
     def write() -> None:
@@ -218,31 +221,29 @@ def _draw(config, run: RunDir, planned, total: int | None, progress: Progress) -
 
 
 def image_dataset(rows: pa.Table, model: str, settings: GenerationSettings, *, batch_size: int,
-                  actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0):
-    """The Ray Data pipeline that draws ``rows`` on a pool of (min, max) generator actors."""
+                  resources: Resources, min_actors: int = 1):
+    """The Ray Data pipeline that draws ``rows`` on a pool of ``min_actors`` to ``resources.workers``
+    generator actors."""
     import ray
 
     return draw_images(ray.data.from_arrow(batched_blocks(rows, batch_size)), model, settings, batch_size=batch_size,
-                       actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
+                       resources=resources, min_actors=min_actors)
 
 
-def draw_images(planned, model: str, settings: GenerationSettings, *, batch_size: int,
-                actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0, lora: str | None = None,
-                resources: dict[str, float] | None = None):
-    """``planned`` (a dataset of planned image rows) drawn on a pool of (min, max) generator actors,
-    with the LoRA in folder ``lora`` fused into the model when given."""
+def draw_images(planned, model: str, settings: GenerationSettings, *, batch_size: int, resources: Resources,
+                min_actors: int = 1, lora: str | None = None):
+    """``planned`` (a dataset of planned image rows) drawn on a pool of ``min_actors`` to
+    ``resources.workers`` generator actors, with the LoRA in folder ``lora`` fused into the model
+    when given."""
     import ray
 
-    threads = max(1, int(cpus_per_actor)) if not gpus_per_actor else None
     return planned.map_batches(
         GenerateImages,
-        fn_constructor_args=(model, settings, threads, lora),
+        fn_constructor_args=(model, settings, resources.cpu_threads, lora),
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
-        num_gpus=gpus_per_actor or None,
-        num_cpus=cpus_per_actor,
-        resources=resources or None,
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=resources.workers),
         batch_format="numpy",
+        **resources.ray_options(),
     )
 
 

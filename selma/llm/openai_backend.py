@@ -54,7 +54,7 @@ def openai_stage(dataset, config):
             max_retries=endpoint.max_retries,
             base_retry_wait_time_in_s=endpoint.retry_wait_s,
             batch_size=config.batch_size,
-            concurrency=config.concurrency,
+            concurrency=config.resources.workers,
             http_request_stage={"num_cpus": 0},
         ),
         preprocess=lambda row: {**row, "payload": request_payload(config, row)},

@@ -61,11 +61,11 @@ class TransformersCompletions:
     def __init__(self, config):
         import torch
 
-        if not config.gpus_per_worker:
-            torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+        if config.resources.cpu_threads:
+            torch.set_num_threads(config.resources.cpu_threads)
         self.backend = TransformersBackend(config.model, temperature=config.temperature, top_p=config.top_p,
                                            max_tokens=config.max_tokens, batch_size=config.batch_size,
-                                           device="cuda" if config.gpus_per_worker else "cpu")
+                                           device="cuda" if config.resources.gpus else "cpu")
 
     def __call__(self, batch):
         texts, truncated = self.backend.generate_with_lengths(requests_from_batch(batch))
@@ -73,10 +73,10 @@ class TransformersCompletions:
 
 
 def transformers_stage(dataset, config):
-    """Ray Data stage: a pool of ``prompts.concurrency`` model actors."""
+    """Ray Data stage: a pool of ``resources.workers`` model actors."""
     import ray
 
     return dataset.map_batches(
         TransformersCompletions, fn_constructor_args=(config,), batch_size=config.batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker or None)
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.resources.workers),
+        **config.resources.ray_options())

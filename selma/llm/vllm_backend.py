@@ -15,15 +15,19 @@ def engine_config(config):
 
     from selma.core.models import resolve_model
 
-    options = {}
-    if not config.gpus_per_worker:
+    resources, options = config.resources, {}
+    if not resources.gpus:
         # The default placement group asks for a GPU and would wait forever on a CPU node.
-        options["placement_group_config"] = {"bundles": [{"CPU": config.cpus_per_worker}]}
+        options["placement_group_config"] = {"bundles": [resources.per_worker()]}
+    elif resources.custom:
+        # vLLM places one bundle per tensor- or pipeline-parallel rank, each holding one GPU.
+        options["placement_group_config"] = {"bundle_per_worker": {"GPU": 1, **resources.custom}}
     return vLLMEngineProcessorConfig(
         model_source=resolve_model(config.model),
         engine_kwargs={"seed": config.seed, **config.engine_kwargs},
         batch_size=config.batch_size,
-        concurrency=config.concurrency,
+        concurrency=resources.workers,
+        accelerator_type=resources.accelerator_type,
         log_engine_metrics=False,
         should_continue_on_error=True,
         # vLLM tokenizes and detokenizes itself; the chat template does not apply to a raw list.

@@ -6,7 +6,7 @@ Two deployments:
 * ``ImagesAPI`` — the FastAPI ingress: authentication, validation (prompt lengths in tokens
   included: it holds copies of the pipeline's tokenizers), OpenAI-shaped errors, metrics. Cheap;
   it never touches the model.
-* ``ImageModel`` — one diffusion pipeline per replica (``num_gpus=gpus_per_replica``), with
+* ``ImageModel`` — one diffusion pipeline per replica (``serve.resources`` per replica), with
   autoscaling when ``serve.autoscaling`` is set. The request's ``model`` picks a LoRA adapter through
   ``@serve.multiplexed``: each replica keeps the ``serve.max_loaded_adapters`` most recently used
   adapters loaded (LRU), and Serve routes a request to a replica that already holds its adapter.
@@ -575,10 +575,10 @@ def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None 
     api_key = resolve_api_key(serve_config, serve_config.host if host is _CONFIG_HOST else host)
     scaling = serve_config.autoscaling
     replica_options = ({"autoscaling_config": scaling.model_dump()} if scaling is not None
-                       else {"num_replicas": serve_config.num_replicas})
+                       else {"num_replicas": serve_config.resources.workers})
     model = image_model_deployment(serve_config.max_loaded_adapters).options(
         **replica_options,
-        ray_actor_options={"num_gpus": serve_config.gpus_per_replica, "num_cpus": serve_config.cpus_per_replica},
+        ray_actor_options=serve_config.resources.ray_options(),
         max_ongoing_requests=serve_config.max_ongoing_requests,
         max_queued_requests=serve_config.max_queued_requests,
     ).bind(
@@ -588,7 +588,7 @@ def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None 
         guidance_scale=guidance_scale,
         max_batch_size=serve_config.max_batch_size,
         batch_wait_timeout_s=serve_config.batch_wait_timeout_s,
-        cpus=serve_config.cpus_per_replica,
+        cpus=serve_config.resources.cpus,
     )
     limits = Limits(
         models=tuple([default_model, *(m for m in models if m != default_model)]),
@@ -602,7 +602,7 @@ def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None 
     # shows at the model's handle (max_queued_requests → an OpenAI-shaped 503). The proxy's own
     # queue (whose 503 is plain text) only fills beyond twice that; it also counts requests still
     # being assigned, so a burst overflows a queue as small as the model's.
-    replicas = scaling.max_replicas if scaling is not None else serve_config.num_replicas
+    replicas = scaling.max_replicas if scaling is not None else serve_config.resources.workers
     model_capacity = replicas * serve_config.max_ongoing_requests + serve_config.max_queued_requests
     return ImagesAPI.options(
         ray_actor_options={"num_cpus": INGRESS_CPUS},

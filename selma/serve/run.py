@@ -9,13 +9,14 @@ def load_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = (), v
     """The config a run was made with, plus ``key.sub=value`` overrides and ``{"key.sub": value}``
     values (a YAML string is parsed); raises ConfigError."""
     from selma.config import build_config
-    from selma.core.config import apply_override, parse_override
+    from selma.core.config import apply_override, parse_override, upgrade_recorded_config
     from selma.core.errors import ConfigError
 
     run = RunDir(run_dir)
     data = run.manifest().get("config")
     if data is None:
         raise ConfigError(f"{run_dir}: no run.json; is it a selma run directory?")
+    upgrade_recorded_config(data)
     for text in overrides:
         apply_override(data, *parse_override(text))
     for key, value in (values or {}).items():

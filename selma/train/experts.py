@@ -15,11 +15,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir
 from selma.core.stage import StageBase, StageContext
 from selma.raylib import quiet_ray_data
+
+if TYPE_CHECKING:
+    from selma.core.config import Resources
 
 PROGRESS_ACTOR = "selma-train-progress"
 
@@ -51,15 +55,12 @@ class ExpertJob:
     mixed_precision: str
     strategy: str
     zero_stage: int
-    num_workers: int
-    use_gpu: bool
-    cpus_per_worker: float
+    resources: Resources
     data_cpus: float
     data_workers: int
     checkpoint_every: int
     max_failures: int
     seed: int
-    resources_per_worker: tuple[tuple[str, float], ...] = ()  # custom Ray resources, e.g. a node type
     progress_actor: str | None = None
 
     @classmethod
@@ -76,9 +77,9 @@ class ExpertJob:
             batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
             max_steps=t.max_steps, random_crop=t.random_crop, random_flip=t.random_flip,
             mixed_precision=t.mixed_precision, strategy=t.strategy, zero_stage=t.zero_stage,
-            num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
+            resources=t.resources,
             data_cpus=t.data_cpus, data_workers=t.data_workers, checkpoint_every=t.checkpoint_every, max_failures=t.max_failures,
-            seed=t.seed, resources_per_worker=tuple(sorted(t.resources_per_worker.items())),
+            seed=t.seed,
         )
 
     @property
@@ -110,9 +111,9 @@ def train_expert_loop(job_fields: dict) -> None:
     job = ExpertJob(**job_fields)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
-    if not job.use_gpu:
-        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+    device = ray.train.torch.get_device() if job.resources.gpus else torch.device("cpu")
+    if job.resources.cpu_threads:
+        torch.set_num_threads(job.resources.cpu_threads)
     torch.manual_seed(derived_seed(job.seed, job.skill, "init"))  # same LoRA init on every worker
     components = load_training_components(job.model, job.lora, mixed_precision=job.mixed_precision,
                                           device=str(device))
@@ -187,6 +188,7 @@ def _write_expert(job: ExpertJob, lora_state: dict, metrics: list[dict]) -> None
 
 def model_card(job: ExpertJob, metrics: list[dict]) -> str:
     settings = {k: v for k, v in asdict(job).items() if k not in ("run_uri", "progress_actor")}
+    settings["resources"] = job.resources.model_dump(mode="json")
     final = metrics[-1]["loss"] if metrics else float("nan")
     return (
         f"---\nlibrary_name: diffusers\nbase_model: {job.model}\ntags:\n- lora\n- selma\n- text-to-image\n---\n\n"
@@ -254,7 +256,7 @@ def _progress_actor_class():
 def fit_expert(job: ExpertJob) -> dict:
     """Build and run one skill's TorchTrainer (called inside a Ray task)."""
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from selma.core.ids import derived_seed
@@ -264,7 +266,7 @@ def fit_expert(job: ExpertJob) -> dict:
     run = RunDir(job.run_uri)
     files = [f for skill in job.skills for f in run.list_files("images", skill)]
     rows = sum(run.parquet_rows(f) for f in files)
-    samples = job.max_steps * job.batch_size * job.gradient_accumulation_steps * job.num_workers
+    samples = job.max_steps * job.batch_size * job.gradient_accumulation_steps * job.resources.workers
     plan = epoch_plan(files, max(1, math.ceil(samples / max(rows, 1))), derived_seed(job.seed, job.skill, "epochs"))
     dataset = ray.data.from_items(plan, override_num_blocks=min(len(plan), 1000)).map_batches(
         read_and_prepare,
@@ -276,11 +278,10 @@ def fit_expert(job: ExpertJob) -> dict:
         num_cpus=job.data_cpus,
         batch_format="numpy",
     )
-    resources = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {}), **dict(job.resources_per_worker)}
     trainer = TorchTrainer(
         train_expert_loop,
         train_loop_config=asdict(job),
-        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker=resources),
+        scaling_config=job.resources.scaling_config(),
         run_config=RunConfig(name=f"expert-{job.skill}", storage_path=run.uri_of("_work", "train"),
                              failure_config=FailureConfig(max_failures=job.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -296,9 +297,9 @@ def expert_resources(t) -> dict[str, float]:
     Ray Data hands the CPUs left beside running trainers to concurrent datasets in whole CPUs, so
     each expert's data pipeline counts for at least one whole CPU.
     """
-    return {"CPU": t.num_workers * t.cpus_per_worker + max(1, math.ceil(t.data_workers * t.data_cpus)),
-            "GPU": float(t.num_workers if t.use_gpu else 0),
-            **{name: t.num_workers * amount for name, amount in t.resources_per_worker.items()}}
+    need = t.resources.total()
+    need["CPU"] += max(1, math.ceil(t.data_workers * t.data_cpus))
+    return need
 
 
 def experts_at_once(config) -> int:
@@ -317,16 +318,16 @@ def experts_at_once(config) -> int:
     need = expert_resources(t)
     hint = "; on an autoscaling cluster set train.max_concurrent_experts"
     if need["CPU"] > total.get("CPU", 0):
-        raise RuntimeError(f"train: one expert needs {need['CPU']} CPUs (num_workers × cpus_per_worker for "
+        raise RuntimeError(f"train: one expert needs {need['CPU']} CPUs (train.resources: workers × cpus for "
                            f"its workers, and at least one whole CPU for its data pipeline) but the cluster "
                            f"has {total.get('CPU', 0)}{hint}")
-    if t.use_gpu and t.num_workers > total.get("GPU", 0):
-        raise RuntimeError(f"train: one expert needs {t.num_workers} GPUs but the cluster has "
-                           f"{total.get('GPU', 0)}; set train.use_gpu=false to train on CPUs{hint}")
+    if need["GPU"] > total.get("GPU", 0):
+        raise RuntimeError(f"train: one expert needs {need['GPU']:g} GPUs but the cluster has "
+                           f"{total.get('GPU', 0):g}; set train.resources.gpus=0 to train on CPUs{hint}")
     short = {name: amount for name, amount in need.items() if name not in ("CPU", "GPU") and amount > total.get(name, 0)}
     if short:
-        raise RuntimeError(f"train: one expert needs the custom resources {short} (train.resources_per_worker × "
-                           f"num_workers) but the cluster has {({n: total.get(n, 0) for n in short})}{hint}")
+        raise RuntimeError(f"train: one expert needs the custom resources {short} (train.resources.custom × "
+                           f"workers) but the cluster has {({n: total.get(n, 0) for n in short})}{hint}")
     return max(1, min(int(total.get(kind, 0) // amount) for kind, amount in need.items() if amount > 0))
 
 
@@ -371,11 +372,11 @@ def run_train_stage(config, run: RunDir, progress=None) -> dict:
     counts = {s: counts.get(s, 0) for s in config.skills.names}
     resolution = t.resolution or native_resolution(config.model)
     jobs = {name: ExpertJob.from_config(config, name, run, resolution) for name in config.expert_names}
-    short = [name for name, job in jobs.items() if sum(counts[s] for s in job.skills) < t.batch_size * t.num_workers]
+    short = [name for name, job in jobs.items() if sum(counts[s] for s in job.skills) < t.batch_size * t.resources.workers]
     if short:
         raise RuntimeError(
-            f"train: expert(s) {sorted(short)} have fewer images than train.batch_size × train.num_workers "
-            f"= {t.batch_size * t.num_workers} (images per skill: {counts})")
+            f"train: expert(s) {sorted(short)} have fewer images than train.batch_size × train.resources.workers "
+            f"= {t.batch_size * t.resources.workers} (images per skill: {counts})")
     finished = run.stage("train").get("experts", {})
     todo = [name for name in jobs if name not in finished or not run.exists("experts", name)]
     already = [name for name in jobs if name not in todo]

@@ -104,7 +104,7 @@ def test_the_tiny_pipeline_runs_as_a_submitted_job_on_a_two_node_cluster(cluster
               "--runtime-env-json", json.dumps(runtime_env), "--",
               "python", "jobs/pipeline.py", "--config", "tiny", "--run-dir", str(run_dir),
               "skills.names=[coco, whoops]", "prompts.per_skill=4", "images.steps=2",
-              f"images.resources_per_actor={{{NODE_RESOURCE}: 1}}", "train.max_steps=4", "train.checkpoint_every=2"]
+              f"images.resources.custom={{{NODE_RESOURCE}: 1}}", "train.max_steps=4", "train.checkpoint_every=2"]
 
     refused = job(cluster, "list", token=False)
     assert refused.returncode != 0  # the cluster wants its token

@@ -357,9 +357,10 @@ def test_rayservice_serves_the_pipelines_run(target):
     serve = build_config(data).serve
 
     capacity = gpu_capacity(service["rayClusterConfig"])
-    replicas = serve.autoscaling.max_replicas if serve.autoscaling else serve.num_replicas
-    assert replicas * serve.gpus_per_replica <= capacity, f"{replicas} replicas × {serve.gpus_per_replica} GPU > {capacity} GPUs"
-    assert (serve.gpus_per_replica > 0) == (capacity > 0), "serve.gpus_per_replica and the GPU group disagree"
+    replicas = serve.autoscaling.max_replicas if serve.autoscaling else serve.resources.workers
+    gpus = serve.resources.gpus
+    assert replicas * gpus <= capacity, f"{replicas} replicas × {gpus} GPU > {capacity} GPUs"
+    assert (gpus > 0) == (capacity > 0), "serve.resources.gpus and the GPU group disagree"
 
 
 def test_serve_configs_mirror_cluster_serve_yaml():
@@ -450,20 +451,20 @@ def test_pipeline_fits_its_gpu_groups(target):
     spec = one(docs, "RayJob")["spec"]["rayClusterSpec"]
     capacity = gpu_capacity(spec)
     needs = {
-        "prompts": config.prompts.concurrency * config.prompts.gpus_per_worker if config.prompts.backend in ("vllm", "transformers") else 0,
-        "images": config.images.num_actors * config.images.gpus_per_actor,
-        "train (one expert)": config.train.num_workers if config.train.use_gpu else 0,
+        "prompts": config.prompts.resources.total()["GPU"] if config.prompts.backend in ("vllm", "transformers") else 0,
+        "images": config.images.resources.total()["GPU"],
+        "train (one expert)": config.train.resources.total()["GPU"],
     }
-    if config.train.use_gpu and config.train.max_concurrent_experts:
-        needs["train (all experts at once)"] = config.train.max_concurrent_experts * config.train.num_workers
+    if config.train.max_concurrent_experts:
+        needs["train (all experts at once)"] = config.train.max_concurrent_experts * config.train.resources.total()["GPU"]
     too_big = {stage: n for stage, n in needs.items() if n > capacity}
     assert not too_big, f"stages need more GPUs than the gpu groups hold ({capacity}): {too_big}"
     if capacity == 0:
         return
     # The train stage sizes itself from the GPUs present when it starts (a resumed run may start
     # there on a fresh cluster), so the GPU groups keep at least one expert's worth.
-    if config.train.use_gpu:
-        assert gpu_capacity(spec, "minReplicas") >= config.train.num_workers
+    if config.train.resources.gpus:
+        assert gpu_capacity(spec, "minReplicas") >= config.train.resources.total()["GPU"]
         assert config.train.max_concurrent_experts, "without it the autoscaled cluster trains one expert at a time"
 
 

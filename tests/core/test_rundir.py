@@ -43,6 +43,17 @@ def test_a_stage_is_finished_only_when_committed_with_the_same_config(run):
         run.begin_stage("prompts", "hash-b")
 
 
+def test_a_stage_made_under_an_earlier_hash_of_the_same_config_is_this_configs(run):
+    run.begin_stage("prompts", "old-hash")
+    run.commit_stage("prompts")
+    assert run.is_committed("prompts", "new-hash", "old-hash")
+    run.check_stage_config("prompts", "new-hash", "old-hash")
+    run.begin_stage("prompts", "new-hash", "old-hash")
+    assert run.stage("prompts")["config_hash"] == "new-hash"
+    with pytest.raises(RunDirError, match=r"hash new-hash, now other-hash"):
+        run.check_stage_config("prompts", "other-hash", "old-hash")
+
+
 def test_discard_removes_outputs_and_the_manifest_entry(run):
     run.begin_stage("images", "h")
     run.write_table("images/coco/part.parquet", pa.table({"x": [1]}))

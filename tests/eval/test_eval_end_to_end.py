@@ -27,7 +27,7 @@ def evaluated(ray_local, tmp_path_factory):
     lora = write_random_lora("tiny:sd", root / "adapter")
     config = load_config("tiny", [
         f"run_dir={root / 'run'}", f"eval.models=[base, '{lora}']", "eval.benchmarks=[dsg]", "eval.limit=20",
-        f"eval.dsg_annotations={BENCHMARKS / 'dsg-1k-anns.csv'}", "eval.vqa.model=tiny:vlm", "eval.vqa.num_actors=2",
+        f"eval.dsg_annotations={BENCHMARKS / 'dsg-1k-anns.csv'}", "eval.vqa.model=tiny:vlm", "eval.vqa.resources.workers=2",
         "eval.rewards={clipscore: 'tiny:clip'}", "images.steps=2", "eval.batch_size=8",
     ])
     messages: list[str] = []

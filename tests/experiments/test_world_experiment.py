@@ -135,7 +135,7 @@ def test_a_reduced_experiment_runs_through_the_real_stages_on_the_shipped_base_m
 
     config = load_config("world", [
         "skills.names=[world_counting]", "prompts.per_skill=4", "images.images_per_prompt=4", "images.steps=4",
-        "images.batch_size=16", "images.cpus_per_actor=1", "eval.cpus_per_actor=1", "train.max_steps=2",
+        "images.batch_size=16", "images.resources.cpus=1", "eval.resources.cpus=1", "train.max_steps=2",
         "train.batch_size=1", "train.effective_batch_size=1", "train.checkpoint_every=2",
         "eval.world_prompts_per_kind=4", "eval.images_per_prompt=1", "eval.batch_size=4"])
     out = tmp_path / "experiment"

@@ -68,12 +68,12 @@ def _assert_expert_loads_in_diffusers(run_dir: Path, expert: str) -> None:
 
 def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir):
     out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "train.strategy=deepspeed",
-                     "train.zero_stage=2", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.max_steps=4"))
+                     "train.zero_stage=2", "train.resources.workers=2", "train.resources.cpus=0.5", "train.max_steps=4"))
     assert "at a time" not in out  # both experts fit the cluster: nothing queued
     for expert in ("coco", "whoops"):
         assert [m["step"] for m in _metrics(run_dir, expert)] == [1, 2, 3, 4]
         card = (run_dir / "experts" / expert / "README.md").read_text()
-        assert '"strategy": "deepspeed"' in card and '"num_workers": 2' in card and "base_model: tiny:sd" in card
+        assert '"strategy": "deepspeed"' in card and '"workers": 2' in card and "base_model: tiny:sd" in card
         _assert_expert_loads_in_diffusers(run_dir, expert)
     checkpoints = sorted(p for p in (run_dir / "_work" / "train" / "expert-coco").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2  # num_to_keep
@@ -87,7 +87,7 @@ def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir):
 def test_ddp_two_workers_and_experts_queue_when_only_one_fits(run_dir):
     # 2 workers × 0.75 CPU + 1 CPU for the data pipeline per expert, on 3 logical CPUs: one at a time.
     out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "ray.num_cpus=3",
-                     "train.strategy=ddp", "train.num_workers=2", "train.cpus_per_worker=0.75", "train.max_steps=2"))
+                     "train.strategy=ddp", "train.resources.workers=2", "train.resources.cpus=0.75", "train.max_steps=2"))
     assert "2 experts, 1 at a time" in out
     for expert in ("coco", "whoops"):
         assert [m["step"] for m in _metrics(run_dir, expert)] == [1, 2]
