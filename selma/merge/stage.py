@@ -8,11 +8,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from selma.core.rundir import RunDir, RunDirError
+from selma.merge.methods import merge_experts
 
 
 def run_merge_stage(config, run: RunDir, progress=print) -> dict:
-    from selma.merge.methods import merge_experts
-
     names = config.expert_names
     missing = [s for s in names if not run.exists("experts", s)]
     if missing:
