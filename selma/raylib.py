@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 
+import ray
+from ray.data import DataContext
+
 
 def init_ray(ray_config) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     address = ray_config.address or os.environ.get("RAY_ADDRESS")
@@ -26,6 +27,4 @@ def init_ray(ray_config) -> None:
 
 def quiet_ray_data() -> None:
     """selma prints its own progress lines; Ray Data's bars flood logs that are not terminals."""
-    from ray.data import DataContext
-
     DataContext.get_current().enable_progress_bars = False

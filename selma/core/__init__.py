@@ -5,6 +5,7 @@
 * :mod:`selma.core.rundir` — the run directory: atomic files, the manifest, the one-writer lock.
 * :mod:`selma.core.ids` — deterministic prompt and image ids and the seeds derived from them.
 * :mod:`selma.core.models` — model specs to local paths: a registry keyed by spec prefix.
+* :mod:`selma.core.scoring` — DSG's dependency rule, shared by the benchmarks and the shapes world.
 
 ``core`` imports nothing else from selma (tests/test_imports.py checks it); the stages, the
 pipeline and the CLI build on it.

@@ -16,10 +16,13 @@ manifest is written last, atomically.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -57,7 +60,7 @@ def _split_uri(uri: str) -> tuple[pafs.FileSystem, str, str]:
         filesystem, root = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, ValueError):
         # Schemes pyarrow lacks natively (memory://, az://, ...) go through fsspec when installed.
-        import fsspec
+        import fsspec  # optional: fsspec is no selma dependency
 
         fs, root = fsspec.core.url_to_fs(uri)
         filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
@@ -222,8 +225,6 @@ class RunDir:
         if self.is_local:
             yield Path(self.path(relative))
             return
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="selma-") as tmp:
             yield self.get_dir(relative, tmp)
 
@@ -393,8 +394,6 @@ class _FileLock:
         self.run, self.path, self.fd = run, run.path(LOCK_FILE), None
 
     def acquire(self, holder: dict) -> None:
-        import fcntl
-
         self.run.makedirs()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -411,8 +410,6 @@ class _FileLock:
         self.fd = fd
 
     def release(self) -> None:
-        import fcntl
-
         os.ftruncate(self.fd, 0)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
@@ -495,8 +492,6 @@ def local_folder(uri: str) -> str:
     under a name that changes when any of its files does, so every process on a node (Serve
     replicas, eval actors) loads LoRA adapters from local disk.
     """
-    import hashlib
-
     if "://" not in uri:
         return uri
 

@@ -14,8 +14,12 @@ import re
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
+import ray
 
 from selma.eval.questions import YES_NO, question_table
+from selma.llm import complete
+from selma.prompts.stage import REQUEST_SCHEMA
 
 # Few-shot examples written for selma in DSG's output format ("id | ...").
 DSG_EXAMPLES = [
@@ -56,8 +60,6 @@ class DSGParseError(ValueError):
 
 def load_dsg1k(path: str | Path) -> pa.Table:
     """DSG-1K's annotations as a question table (1,060 prompts, 8,182 questions)."""
-    import pyarrow.csv as pacsv
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DSG-1K annotations not found at {path} (dsg-1k-anns.csv from github.com/j-min/DSG)")
@@ -179,11 +181,6 @@ def generate_dsg_questions(prompts: list[dict], llm_config, *, progress=print) -
 
 def _complete(llm_config, requests: list[tuple[str, int, str]]) -> dict[tuple[str, int], str]:
     """Completions of (call, index, text) requests on the configured LLM backend, keyed by (call, index)."""
-    import ray
-
-    from selma.llm import complete
-    from selma.prompts.stage import REQUEST_SCHEMA
-
     if not requests:
         return {}
     rows = [{"skill": call, "prompt": text, "seed": llm_config.seed, "num_candidates": 0, "first_index": 1,

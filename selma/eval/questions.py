@@ -20,6 +20,9 @@ import re
 from collections import defaultdict
 
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from selma.core.scoring import score_answers  # re-exported: DSG's rule lives in core, selma.world uses it too
 
 QUESTION_SCHEMA = pa.schema([
     ("item_id", pa.string()),
@@ -43,8 +46,6 @@ def question_table(rows: list[dict]) -> pa.Table:
 
 def sample_items(questions: pa.Table, limit: int | None, seed: int) -> pa.Table:
     """The questions of a seeded random sample of ``limit`` items (all when ``limit`` is None)."""
-    import pyarrow.compute as pc
-
     items = sorted(set(questions.column("item_id").to_pylist()))
     if limit is None or limit >= len(items):
         return questions
@@ -79,17 +80,6 @@ def match_choice(answer: str | None, choices: list[str]) -> str | None:
 
 def is_yes_no(choices: list[str]) -> bool:
     return sorted(normalize_answer(c) for c in choices) == ["no", "yes"]
-
-
-def score_answers(rows: list[dict]) -> list[dict]:
-    """Add ``score`` (with dependencies) to rows that carry ``image_id``, ``question_id``,
-    ``parents`` and ``correct``; a question whose parent was answered wrongly scores 0."""
-    correct_of = {(r["image_id"], r["question_id"]): r["correct"] for r in rows}
-    scored = []
-    for row in rows:
-        parent_failed = any(correct_of.get((row["image_id"], p), 1.0) == 0 for p in row["parents"] or () if p)
-        scored.append({**row, "score": 0.0 if parent_failed else float(row["correct"])})
-    return scored
 
 
 def _mean(values) -> float | None:

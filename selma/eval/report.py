@@ -96,7 +96,7 @@ def grouped_bars(groups: list[str], series: dict[str, tuple[list[float], list[fl
                  title: str, labels: bool = False, width_per_bar: float = 0.8) -> bytes:
     """A grouped bar chart as PNG bytes: one bar per series in each group, optional error bars."""
     try:
-        import matplotlib
+        import matplotlib  # optional: the [eval] extra
     except ImportError:
         raise ImportError("the evaluation chart needs matplotlib: pip install 'selma[eval]'") from None
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from selma.core.models import resolve_model
 from selma.eval.questions import is_yes_no, match_choice, normalize_answer, question_table
 
 
@@ -68,9 +69,7 @@ class AnswerMapper:
             if not self.encoder_path:
                 raise ValueError("a free-form answer names no choice and no eval.answer_encoder is set to map it "
                                  "(a sentence-transformers folder, e.g. all-mpnet-base-v2 as TIFA uses)")
-            from sentence_transformers import SentenceTransformer
-
-            from selma.core.models import resolve_model
+            from sentence_transformers import SentenceTransformer  # optional: the [eval] extra
 
             path = resolve_model(self.encoder_path)
             if not Path(path).is_dir():

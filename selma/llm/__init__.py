@@ -9,6 +9,10 @@ Each backend is a Ray Data stage: :func:`complete` takes a dataset of request ro
 from __future__ import annotations
 
 from selma.llm.base import LLMBackend, LLMRequest
+from selma.llm.openai_backend import openai_stage
+from selma.llm.template import TemplateBackend, template_stage
+from selma.llm.transformers_backend import TransformersBackend, transformers_stage
+from selma.llm.vllm_backend import vllm_stage
 
 BACKENDS = ("template", "transformers", "vllm", "openai")
 
@@ -16,20 +20,12 @@ BACKENDS = ("template", "transformers", "vllm", "openai")
 def complete(dataset, config, skills: dict):
     """Append the LLM stage that :class:`~selma.config.PromptsConfig` names to ``dataset``."""
     if config.backend == "template":
-        from selma.llm.template import template_stage
-
         return template_stage(dataset, skills)
     if config.backend == "transformers":
-        from selma.llm.transformers_backend import transformers_stage
-
         return transformers_stage(dataset, config)
     if config.backend == "vllm":
-        from selma.llm.vllm_backend import vllm_stage
-
         return vllm_stage(dataset, config)
     if config.backend == "openai":
-        from selma.llm.openai_backend import openai_stage
-
         return openai_stage(dataset, config)
     raise ValueError(f"unknown prompts.backend {config.backend!r}; available: {BACKENDS}")
 
@@ -37,12 +33,8 @@ def complete(dataset, config, skills: dict):
 def make_backend(config, skills: dict) -> LLMBackend:
     """An in-process backend (``template`` or ``transformers``)."""
     if config.backend == "template":
-        from selma.llm.template import TemplateBackend
-
         return TemplateBackend(skills)
     if config.backend == "transformers":
-        from selma.llm.transformers_backend import TransformersBackend
-
         return TransformersBackend(config.model, temperature=config.temperature, top_p=config.top_p,
                                    max_tokens=config.max_tokens, batch_size=config.batch_size)
     raise ValueError(f"prompts.backend {config.backend!r} runs only inside the Ray pipeline")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 
 @dataclass(frozen=True)
 class LLMRequest:
@@ -37,8 +39,6 @@ def requests_from_batch(batch) -> list[LLMRequest]:
 def with_completions(batch, texts: list[str], truncated: list[bool] | None = None,
                      errors: list[str | None] | None = None):
     """``batch`` plus the ``completion``, ``truncated`` and ``llm_error`` columns."""
-    import pyarrow as pa
-
     n = batch.num_rows
     return (batch.append_column("completion", pa.array(texts, pa.string()))
             .append_column("truncated", pa.array(truncated or [False] * n, pa.bool_()))
@@ -51,8 +51,6 @@ PROCESSOR_MAP_KWARGS = {"num_cpus": 0}
 
 
 def _normalize_batch(batch):
-    import pyarrow as pa
-
     names = set(batch.column_names)
     n = batch.num_rows
 

@@ -92,8 +92,6 @@ def _parse_weights(text: str | None, names: list[str]) -> dict[str, float] | Non
 
 
 def _parse_options(items: list[str]) -> dict[str, object]:
-    from selma.core.config import parse_override
-    from selma.core.errors import ConfigError
     options: dict[str, object] = {}
     for item in items:
         try:

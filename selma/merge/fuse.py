@@ -1,6 +1,6 @@
 """A merged LoRA fused into a full pipeline: ``W = W0 + ΔW`` baked into the UNet, saved with ``save_pretrained``.
 
-The plain diffusers path, nothing custom: ``load_pipeline`` (fp32, CPU) → ``load_lora_weights`` →
+The plain diffusers path, nothing custom: ``from_pretrained`` (fp32, CPU) → ``load_lora_weights`` →
 ``fuse_lora`` → ``unload_lora_weights`` → ``save_pretrained``. Loading is checked (diffusers only warns when no
 key matches, and the result would silently be the base model), and shapes are checked before loading, so a
 LoRA of another base model fails with an error naming the layer.
@@ -8,12 +8,21 @@ LoRA of another base model fails with an error naming the layer.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 
+from selma.core.models import resolve_model
+from selma.merge.errors import MergeError
+from selma.merge.lora_io import LoraFile
+
+# torch and diffusers are imported in the functions that use them (cheap import): selma.merge.methods
+# imports this module, and selma.config and `selma --help` import that one.
+
 ADAPTER_NAME = "selma_merged"
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def fuse_into_pipeline(
@@ -31,17 +40,12 @@ def fuse_into_pipeline(
     """
     import torch
 
-    from selma.images.generator import load_pipeline
-    from selma.merge.lora_io import LoraFile
-    from selma.merge.methods import MergeError
-
-    save_dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in save_dtypes:
-        raise MergeError(f"fused pipeline dtype must be one of {sorted(save_dtypes)}, got {dtype!r}")
+    if dtype not in SAVE_DTYPES:
+        raise MergeError(f"fused pipeline dtype must be one of {sorted(SAVE_DTYPES)}, got {dtype!r}")
     with LoraFile(lora_dir) as lora_file:
         shapes = dict(lora_file.shapes)
 
-    pipe = load_pipeline(model, dtype="float32", device="cpu")
+    pipe = _load_cpu_pipeline(model)
     _check_fits(pipe.unet, shapes, model, lora_dir)
     pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER_NAME)
     loaded = {
@@ -57,7 +61,7 @@ def fuse_into_pipeline(
     pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=[ADAPTER_NAME])
     pipe.unload_lora_weights()
     if dtype != "float32":
-        pipe.to(dtype=save_dtypes[dtype])
+        pipe.to(dtype=getattr(torch, dtype))
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +77,20 @@ def fuse_into_pipeline(
     return out_dir
 
 
-def _check_fits(unet, shapes: dict[str, tuple[int, int]], model: str, lora_dir) -> None:
-    from selma.merge.methods import MergeError
+def _load_cpu_pipeline(model: str):
+    """``model`` in fp32 on CPU, safety checker off: what :func:`selma.images.generator.load_pipeline` loads,
+    without importing the image stage (and its libraries) here."""
+    import torch
+    from diffusers import DiffusionPipeline
 
+    path = resolve_model(model)
+    index = Path(path) / "model_index.json"
+    has_safety_checker = not index.exists() or "safety_checker" in json.loads(index.read_text())
+    extra = {"safety_checker": None, "requires_safety_checker": False} if has_safety_checker else {}
+    return DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, **extra)
+
+
+def _check_fits(unet, shapes: dict[str, tuple[int, int]], model: str, lora_dir) -> None:
     for name, (out_features, in_features) in sorted(shapes.items()):
         try:
             module = unet.get_submodule(name)

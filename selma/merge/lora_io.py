@@ -38,10 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from safetensors import SafetensorError, safe_open
+
 from selma.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch
+
+# peft and safetensors.torch (both import torch) are imported in the functions that use them (cheap
+# import): selma.merge.methods imports this module, and selma.config and `selma --help` import that one.
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -345,8 +350,6 @@ class LoraFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import SafetensorError, safe_open
-
         self.path = _weights_path(Path(path))
         try:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
@@ -388,8 +391,6 @@ class LoraFile:
 
     def layer(self, name: str) -> LoraLayer:
         """Load one layer's factors (as stored) with the alpha diffusers applies."""
-        from safetensors import SafetensorError
-
         if name not in self._keys:
             raise LoraFormatError(f"{self.path}: no LoRA layer {name!r}")
         key_A, key_B = self._keys[name]

@@ -67,19 +67,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
-from selma.core.errors import InputError
+from selma.merge.errors import MergeError
+from selma.merge.fuse import fuse_into_pipeline
 from selma.merge.lora_io import LoraAdapter, LoraFile, LoraLayer, atomic_write, write_lora
 
 if TYPE_CHECKING:
     import torch
 
+# torch and peft are imported in the functions that use them (cheap import): selma.config and
+# `selma --help` (through selma.merge.adapters) load MERGE_METHODS and method_options from here.
+
 MERGE_REPORT_NAME = "merge.json"
 FUSED_DIR_NAME = "fused"
 MAJORITY_SIGN_METHODS = ("total", "frequency")
-
-
-class MergeError(InputError):
-    """Experts or options that cannot be merged; the message names the experts involved."""
 
 
 @dataclass(eq=False)
@@ -435,8 +435,6 @@ def merge_experts(
     weights_path = write_lora(merged, out_dir)
     fused_path = None
     if fuse_into is not None:
-        from selma.merge.fuse import fuse_into_pipeline
-
         fused_path = fuse_into_pipeline(fuse_into, out_dir, Path(out_dir) / FUSED_DIR_NAME, dtype=fused_dtype)
 
     report = _report(

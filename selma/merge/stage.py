@@ -10,6 +10,7 @@ from pathlib import Path
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir, RunDirError
 from selma.core.stage import StageBase, StageContext
+from selma.merge.methods import merge_experts
 
 
 class MergeStage(StageBase):
@@ -27,8 +28,6 @@ class MergeStage(StageBase):
 
 
 def run_merge_stage(config, run: RunDir, progress=None) -> dict:
-    from selma.merge.methods import merge_experts
-
     names = config.expert_names
     missing = [s for s in names if not run.exists("experts", s)]
     if missing:

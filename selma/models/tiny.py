@@ -16,6 +16,10 @@ from pathlib import Path
 
 from selma.core.models import build_once, cache_dir
 
+# tokenizers, transformers, torch and diffusers are imported in the builders (cheap import): resolving a
+# tiny: spec that is already built, and the reward scorers that selma.config loads, import this module
+# (tests/models/test_tiny.py::test_import_is_light); the vLLM environment has no diffusers at all.
+
 TINY_PREFIX = "tiny:"
 PIPELINE_FAMILIES = ("sd", "sdxl")
 CACHE_VERSION = "v1"

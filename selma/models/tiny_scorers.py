@@ -26,6 +26,18 @@ import json
 import math
 from pathlib import Path
 
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPVisionConfig,
+)
+
 from selma.models.tiny import _clip_text_config, build_clip_tokenizer, corpus_words, write_clip_vocab_files
 
 IMAGE_SIZE = 32
@@ -52,9 +64,6 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     embeddings share a component and their cosines are mostly positive: CLIPScore clips negative
     cosines to 0, which with purely random towers would hide most differences between inputs.
     """
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
-
     tokenizer = build_clip_tokenizer()
     text_config = _clip_text_config(tokenizer, hidden_size=WIDTH, projection_dim=EMBED_DIM)
     vision_config = CLIPVisionConfig(
@@ -113,8 +122,6 @@ def tiny_open_clip_config(vocab_size: int) -> dict:
 
 
 def _normal(generator, *shape, std: float = 0.02):
-    import torch
-
     return torch.randn(*shape, generator=generator) * std
 
 
@@ -151,8 +158,6 @@ def _open_clip_resblocks(prefix: str, layers: int, width: int, mlp_ratio: float,
 
 def tiny_open_clip_state_dict(config: dict, seed: int = 0) -> dict:
     """Random weights under open_clip ``CLIP``'s state-dict keys for ``config`` (open_clip format)."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     embed_dim = config["embed_dim"]
     vision, text = config["vision_cfg"], config["text_cfg"]
@@ -182,8 +187,6 @@ def build_tiny_hps(out_dir: str | Path, seed: int = 0) -> Path:
 
     ``HPS_v2.1_compressed.pt`` is stored in float16 (the scorer upcasts), the v2 file in float32.
     """
-    import torch
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_clip_tokenizer()
@@ -211,8 +214,6 @@ def bert_vocabulary() -> list[str]:
 
 def build_bert_tokenizer(out_dir: str | Path):
     """Write ``vocab.txt`` + ``tokenizer_config.json`` (a bert-base-uncased-style folder); load it."""
-    from transformers import BertTokenizer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.txt").write_text("\n".join(bert_vocabulary()) + "\n", encoding="utf-8")
@@ -270,8 +271,6 @@ def _bert_attention(prefix: str, width: int, key_width: int, generator) -> dict:
 
 def tiny_imagereward_state_dict(med_config: dict, vision_config: dict, seed: int = 0) -> dict:
     """Random weights under the keys of ImageReward's ``ImageReward`` module (BLIP_Pretrain + MLP)."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     v_width, patch = vision_config["embed_dim"], vision_config["patch_size"]
     grid = vision_config["image_size"] // patch
@@ -321,8 +320,6 @@ def tiny_imagereward_state_dict(med_config: dict, vision_config: dict, seed: int
 
 def build_tiny_imagereward(out_dir: str | Path, seed: int = 0) -> Path:
     """Save a tiny ``ImageReward.pt`` (original key layout), its configs and tokenizer."""
-    import torch
-
     out_dir = Path(out_dir)
     tokenizer = build_bert_tokenizer(out_dir)
     med_config = tiny_med_config(len(tokenizer) + 2)  # + [DEC] and [ENC], as BLIP adds them
@@ -343,9 +340,6 @@ def build_tiny_sentence_encoder(out_dir: str | Path, seed: int = 0) -> Path:
     ``1_Pooling/config.json``) that every sentence-transformers release loads with
     ``SentenceTransformer(out_dir, local_files_only=True)``.
     """
-    import torch
-    from transformers import BertConfig, BertModel
-
     out_dir = Path(out_dir)
     tokenizer = build_bert_tokenizer(out_dir)
     config = BertConfig(

@@ -16,6 +16,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from tokenizers import AddedToken
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    OPTConfig,
+)
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
 from selma.models.tiny import build_lm_tokenizer, corpus_words, name_generic_tokenizer_class, tiny_llama_config
 
 IMAGE_TOKEN = "<image>"
@@ -40,16 +58,12 @@ VLM_CHAT_TEMPLATE = (
 
 def _tokenizer_with_image_token():
     """The tiny LM tokenizer (plus VQA words) with ``<image>`` as a special token (one id, never split)."""
-    from tokenizers import AddedToken
-
     tokenizer = build_lm_tokenizer(corpus_words() + VQA_WORDS)
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     return tokenizer
 
 
 def _generation_config(tokenizer):
-    from transformers import GenerationConfig
-
     return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -67,10 +81,6 @@ def _save(model, processor, out_dir: str | Path) -> Path:
 
 def build_tiny_vlm(out_dir: str | Path, seed: int = 0) -> Path:
     """Save a tiny random Llava (32 px images, 16 image tokens) and its processor to ``out_dir``."""
-    import torch
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     tokenizer = _tokenizer_with_image_token()
     tokenizer.chat_template = VLM_CHAT_TEMPLATE  # one template for the tokenizer and the processor
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -116,17 +126,6 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0) -> Path:
 
 def build_tiny_blip2(out_dir: str | Path, seed: int = 0) -> Path:
     """Save a tiny random BLIP-2 (32 px images, 4 query tokens, OPT language model) and its processor."""
-    import torch
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        OPTConfig,
-    )
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
     tokenizer = _tokenizer_with_image_token()
     tokenizer.chat_template = None  # BLIP-2 takes a plain "Question: ... Answer:" prompt
     vision_config = Blip2VisionConfig(

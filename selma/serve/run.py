@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+
+from selma.config import build_config
+from selma.core.config import apply_override, parse_override, upgrade_recorded_config
+from selma.core.errors import ConfigError
 from selma.core.rundir import RunDir
+from selma.raylib import init_ray
+from selma.serve.app import BASE_MODEL_NAME, build_app, proxy_host, serve_run
 
 
 def load_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = (), values: dict | None = None):
     """The config a run was made with, plus ``key.sub=value`` overrides and ``{"key.sub": value}``
     values (a YAML string is parsed); raises ConfigError."""
-    from selma.config import build_config
-    from selma.core.config import apply_override, parse_override, upgrade_recorded_config
-    from selma.core.errors import ConfigError
-
     run = RunDir(run_dir)
     data = run.manifest().get("config")
     if data is None:
@@ -42,9 +45,6 @@ def run_adapters(config, run: RunDir) -> dict[str, str]:
 
 def build_run_app(config, run: RunDir, **options):
     """The Serve app for a run; ``options``: more :func:`selma.serve.app.build_app` arguments (``host``)."""
-    from selma.core.errors import ConfigError
-    from selma.serve.app import BASE_MODEL_NAME, build_app
-
     adapters = run_adapters(config, run)
     if config.serve.model != BASE_MODEL_NAME and config.serve.model not in adapters:
         hint = "; run `selma run` first or serve --model base" if config.serve.model == "merged" else ""
@@ -62,9 +62,6 @@ def build_run_app(config, run: RunDir, **options):
 
 
 def serve_run_dir(config, run: RunDir, *, blocking: bool = True):
-    from selma.raylib import init_ray
-    from selma.serve.app import proxy_host, serve_run
-
     app = build_run_app(config, run)  # refuses a bad config or a missing key before Ray starts
     if blocking:
         _stop_on_signals()
@@ -78,8 +75,6 @@ def serve_run_dir(config, run: RunDir, *, blocking: bool = True):
 
 def _stop_on_signals() -> None:
     """SIGTERM (Kubernetes, process managers) and SIGINT both end serving cleanly."""
-    import signal
-
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 

@@ -8,6 +8,7 @@ vocabulary; see :mod:`selma.llm.template`).
 
 from __future__ import annotations
 
+import importlib
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -75,8 +76,6 @@ class Skill(BaseModel):
         """The ``accept`` predicate, imported (None when the skill accepts every prompt)."""
         if self.accept is None:
             return None
-        import importlib
-
         module, _, function = self.accept.partition(":")
         try:
             predicate = getattr(importlib.import_module(module), function)

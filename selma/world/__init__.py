@@ -27,8 +27,8 @@ Evaluation (:mod:`selma.world.evaluator`)::
     evaluator.dsg_score(image, caption)             # mean DSG score with the dependency rule
     evaluator.evaluate(image, caption)              # all of it, with the detections
 
-``WorldVQA`` answers the questions as a ``selma.eval.vqa.VQABackend`` (from the question text and
-image alone) and ``WorldAccuracyScorer`` gives prompt accuracy as a reward scorer
+``WorldVQA`` answers the questions as a VQA backend (the interface of ``selma.eval.vqa.VQABackend``,
+from the question text and image alone) and ``WorldAccuracyScorer`` gives prompt accuracy as a reward scorer
 (``score(images, prompts)``); ``question_rows(prompts)`` builds a benchmark's question rows.
 
 The base model (:mod:`selma.world.base`): ``train_base_model(out_dir, BaseModelConfig())`` trains

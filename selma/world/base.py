@@ -25,7 +25,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from diffusers.training_utils import compute_snr
 from pydantic import BaseModel, ConfigDict, Field
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from selma.images.generator import default_device
+from selma.models.tiny import build_clip_tokenizer, write_clip_vocab_files
+from selma.world.captions import caption_of
+from selma.world.render import render
+from selma.world.scene import COLORS, SHAPES, sample_scene
 
 WORLD_PROMPT_TOKENS = 32
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "base_model"
@@ -78,24 +91,16 @@ def resolve_world(spec: str) -> str:
 
 
 def world_words() -> list[str]:
-    from selma.world.scene import COLORS, SHAPES
-
     return list(dict.fromkeys([*EXTRA_WORDS, *COLORS, *SHAPES, *(f"{shape}s" for shape in SHAPES)]))
 
 
 def build_world_tokenizer():
     """A ``CLIPTokenizer`` in which every world word is a single token."""
-    from selma.models.tiny import build_clip_tokenizer
-
     return build_clip_tokenizer(world_words(), model_max_length=WORLD_PROMPT_TOKENS)
 
 
 def build_components(config: BaseModelConfig):
     """Randomly initialised tokenizer, text encoder, VAE, UNet and scheduler (seeded)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tokenizer = build_world_tokenizer()
     torch.manual_seed(config.seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -121,8 +126,6 @@ def build_components(config: BaseModelConfig):
 
 def training_caption(scene, rng, config: BaseModelConfig) -> str:
     """The caption a training scene is shown with: empty, one of its objects, or all of it."""
-    from selma.world.captions import caption_of
-
     draw = rng.random()
     if draw < config.caption_dropout:
         return ""
@@ -132,22 +135,12 @@ def training_caption(scene, rng, config: BaseModelConfig) -> str:
     return caption_of(scene)
 
 
-def _pixels(scenes) -> "torch.Tensor":
-    import numpy as np
-    import torch
-
-    from selma.world.render import render
-
+def _pixels(scenes) -> torch.Tensor:
     batch = np.stack([render(scene) for scene in scenes]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
 
 def train_vae(vae, config: BaseModelConfig, progress: Callable[[str], None], log: list[dict], device: str = "cpu") -> None:
-    import numpy as np
-    import torch
-
-    from selma.world.scene import sample_scene
-
     rng = np.random.default_rng([config.seed, 1])
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.vae_learning_rate, total_steps=config.vae_steps,
@@ -173,11 +166,6 @@ def train_vae(vae, config: BaseModelConfig, progress: Callable[[str], None], log
 
 def encode_pool(vae, config: BaseModelConfig, progress: Callable[[str], None], device: str = "cpu"):
     """Render ``pool_size`` scenes and encode them once: (scenes, latent means, latent stds)."""
-    import numpy as np
-    import torch
-
-    from selma.world.scene import sample_scene
-
     rng = np.random.default_rng([config.seed, 2])
     kinds = [config.kinds[int(i)] for i in rng.integers(len(config.kinds), size=config.pool_size)]
     scenes = [sample_scene(kind, int(rng.integers(2**62))) for kind in kinds]
@@ -200,12 +188,6 @@ def _encode_text(tokenizer, text_encoder, captions: list[str]):
 def train_denoiser(tokenizer, text_encoder, unet, scheduler, pool, scaling_factor: float, config: BaseModelConfig,
                    progress: Callable[[str], None], log: list[dict], device: str = "cpu"):
     """Train UNet and text encoder on the latent pool; returns their EMA copies."""
-    import numpy as np
-    import torch
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     scenes, means, stds = pool
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
@@ -267,13 +249,6 @@ def train_base_model(out_dir: str | Path, config: BaseModelConfig | None = None,
     Besides the pipeline, ``out_dir`` gets ``world_base.json``: the config, the loss curve and
     the time each phase took.
     """
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    from selma.models.tiny import write_clip_vocab_files
-
-    from selma.images.generator import default_device
-
     config = config or BaseModelConfig()
     if config.threads:
         torch.set_num_threads(config.threads)

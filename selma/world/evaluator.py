@@ -53,7 +53,9 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
+from selma.core.scoring import score_answers
 from selma.world.captions import parse_caption
 from selma.world.scene import CANVAS, COLORS, NUMBER_WORDS, RELATIONS, SHAPES, SceneGraph, relation_holds
 
@@ -117,8 +119,6 @@ def _fitted(shape: str, orientation: str, area: float, centroid: tuple[float, fl
 
 def as_array(image) -> np.ndarray:
     """An RGB image (PIL image or H×W×3 uint8 array) as a 64×64×3 float array."""
-    from PIL import Image
-
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] < 3:
             raise ValueError(f"expected an H×W×3 image array, got shape {image.shape}")
@@ -181,7 +181,7 @@ def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float]]
 def detect(image, *, min_area: int = MIN_AREA, min_iou: float = MIN_IOU, max_aspect: float = MAX_ASPECT,
            max_off_line: float = MAX_OFF_LINE) -> list[Detection]:
     """The objects in an image of the world (see the module docstring)."""
-    from scipy import ndimage
+    from scipy import ndimage  # optional: scipy is no selma dependency (it comes with the [eval] extra)
 
     labels, coverage = classify_pixels(as_array(image), max_off_line)
     size = labels.shape[0]
@@ -320,9 +320,7 @@ def matches(detections: list[Detection], graph: SceneGraph, *, allow_extra: bool
 
 def dependency_scores(rows: list[dict], answers: list[str]) -> list[float]:
     """Per question: 1 when answered "yes" (the correct answer) and no parent was answered "no",
-    through :func:`selma.eval.questions.score_answers` (DSG's rule)."""
-    from selma.eval.questions import score_answers
-
+    through :func:`selma.core.scoring.score_answers` (DSG's rule, as the benchmarks score)."""
     scored = score_answers([{**row, "image_id": "image", "correct": float(a == row["answer"])}
                             for row, a in zip(rows, answers)])
     return [row["score"] for row in scored]
@@ -393,14 +391,10 @@ def question_rows(prompts: list[dict]) -> list[dict]:
             for p in prompts for row in questions(p["prompt"])]
 
 
-def _vqa_base():
-    from selma.eval.vqa import VQABackend
-
-    return VQABackend
-
-
-class WorldVQA(_vqa_base()):
-    """A VQA backend (``selma.eval.vqa.VQABackend``) answering world questions exactly from the image."""
+class WorldVQA:
+    """A VQA backend answering world questions exactly from the image: the interface of
+    ``selma.eval.vqa.VQABackend`` (``answer``, ``yes_probability``, ``close``, a context manager),
+    which ``selma.eval`` builds on this package, not the other way round."""
 
     name = "world"
 
@@ -408,9 +402,8 @@ class WorldVQA(_vqa_base()):
         self.evaluator = evaluator or WorldEvaluator()
 
     def _answers(self, images: list, questions_: list[str]) -> list[str]:
-        from selma.eval.vqa import check_pairs
-
-        check_pairs(images, questions_)
+        if len(images) != len(questions_):
+            raise ValueError(f"{len(images)} images but {len(questions_)} questions: VQA takes (image, question) pairs")
         cache: dict[int, list[Detection]] = {}
         out = []
         for image, question in zip(images, questions_):
@@ -424,6 +417,15 @@ class WorldVQA(_vqa_base()):
 
     def yes_probability(self, images: list, questions: list[str]) -> list[float]:
         return [1.0 if a == "yes" else 0.0 for a in self._answers(images, questions)]
+
+    def close(self) -> None:
+        """Nothing to release: no model."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 class WorldAccuracyScorer:

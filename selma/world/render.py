@@ -10,6 +10,7 @@ radius in pixels) and ``noise`` (Gaussian pixel noise, standard deviation in 0â€
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageFilter
 
 from selma.world.scene import BACKGROUND, CANVAS, COLORS, Scene, WorldObject
 
@@ -54,8 +55,6 @@ def render(scene: Scene, *, size: int = CANVAS, supersample: int = 1, corner_rad
         patch = image[r0:r1, c0:c1]
         image[r0:r1, c0:c1] = patch * (1 - coverage) + np.asarray(COLORS[obj.color], np.float64) * coverage
     if blur > 0:
-        from PIL import Image, ImageFilter
-
         blurred = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(blur))
         image = np.asarray(blurred, np.float64)
     if noise > 0:
@@ -66,6 +65,4 @@ def render(scene: Scene, *, size: int = CANVAS, supersample: int = 1, corner_rad
 
 def render_image(scene: Scene, **options):
     """:func:`render` as a PIL image."""
-    from PIL import Image
-
     return Image.fromarray(render(scene, **options))

@@ -4,13 +4,17 @@ Helpers shared by the scorer modules: weights resolution (a folder, a file or a 
 state-dict loading (``.safetensors``, or torch files read with ``torch.load(weights_only=True)``:
 nothing is unpickled beyond tensors and plain containers) and strict loading of converted state
 dicts into models built on the meta device, image loading and CLIP's image transform.
-torch / PIL / transformers are imported inside the functions, never at module level.
+torch / PIL / transformers are imported inside the functions, never at module level (cheap import:
+selma.config loads ``REWARD_SCORERS``; tests/eval/test_rewards.py checks that no heavy library loads).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+
+from selma.core.models import resolve_model
+from selma.models.tiny import is_tiny_spec
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -47,9 +51,6 @@ def default_device() -> str:
 
 
 def _resolve_weights(weights: str | Path) -> Path:
-    from selma.core.models import resolve_model
-    from selma.models.tiny import is_tiny_spec
-
     if isinstance(weights, str) and is_tiny_spec(weights):
         weights = resolve_model(weights)
     return Path(weights).expanduser()

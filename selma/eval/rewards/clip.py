@@ -21,6 +21,9 @@ from selma.eval.rewards.base import CLIP_TOKENIZER_FILES, RewardScorer, _first_e
 if TYPE_CHECKING:
     import torch
 
+# torch and transformers are imported in the functions that use them (cheap import): selma.config loads
+# REWARD_SCORERS from this package (tests/eval/test_rewards.py checks that no heavy library loads).
+
 CLIPSCORE_WEIGHT = 2.5
 MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                       "pytorch_model.bin.index.json")

@@ -18,9 +18,12 @@ checkpoint tensor and filling every model tensor, so a wrong mapping fails loudl
 
 from __future__ import annotations
 
+import gzip
 import html
+import importlib.util
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,10 +37,15 @@ from selma.eval.rewards.base import (
     load_converted_state_dict,
     load_state_dict_file,
 )
+from selma.models.tiny import bytes_to_unicode
 
 if TYPE_CHECKING:
     import PIL.Image
     import torch
+
+# torch and transformers are imported in the functions that use them (cheap import): selma.config loads
+# REWARD_SCORERS from this package (tests/eval/test_rewards.py checks that no heavy library loads).
+# ftfy is optional (the [eval] extra); open_clip is never imported.
 
 # open_clip's model_configs/ViT-H-14.json, the HPS v2 architecture.
 VIT_H_14 = {
@@ -227,12 +235,7 @@ def convert_open_clip_state_dict(state_dict: dict, config: dict) -> dict:
 
 def clip_tokenizer_from_open_clip_bpe(bpe_path: Path, context_length: int = 77):
     """A transformers ``CLIPTokenizer`` with the vocabulary of open_clip's ``SimpleTokenizer``."""
-    import gzip
-    import tempfile
-
     from transformers import CLIPTokenizer
-
-    from selma.models.tiny import bytes_to_unicode
 
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1] if line.strip()]
@@ -249,8 +252,6 @@ def clip_tokenizer_from_open_clip_bpe(bpe_path: Path, context_length: int = 77):
 
 def _installed_open_clip_bpe() -> Path | None:
     """open_clip's bundled BPE vocabulary, found without importing open_clip (or torchvision)."""
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec("open_clip")
     except (ImportError, ValueError):

@@ -30,6 +30,9 @@ from selma.eval.rewards.base import (
     load_state_dict_file,
 )
 
+# torch and transformers are imported in the functions that use them (cheap import): selma.config loads
+# REWARD_SCORERS from this package (tests/eval/test_rewards.py checks that no heavy library loads).
+
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
 IMAGEREWARD_MAX_TOKENS = 35
