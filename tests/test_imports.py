@@ -19,13 +19,8 @@ PACKAGE = Path(selma.__file__).parent
 NOT_YET_CLEANED = frozenset({
     "selma.cli",
     "selma.eval.run",
-    "selma.eval.vqa",
-    "selma.experiments.world",
     "selma.images.generator",
     "selma.images.stage",
-    "selma.llm.transformers_backend",
-    "selma.llm.vllm_backend",
-    "selma.prompts.stage",
     "selma.serve.app",
     "selma.train.data",
     "selma.train.experts",

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selma.core.models import resolve_model
+from selma.world import WorldVQA
+
 VQA_BACKENDS = ("transformers", "vqascore", "vllm", "world")
 YES_NO_SUFFIX = " Please answer yes or no."
 YES_SPELLINGS = ("Yes", "yes", " Yes", " yes")
@@ -72,8 +75,6 @@ class VQABackend:
 
 def local_model_dir(model: str) -> str:
     """The checkpoint folder for ``model`` (a path or a ``tiny:`` spec); refuses anything not local."""
-    from selma.core.models import resolve_model
-
     path = Path(resolve_model(model))
     if not path.is_dir():
         raise FileNotFoundError(
@@ -359,7 +360,6 @@ def load_vqa_backend(kind: str, model: str, *, device: str | None = None, dtype:
     if kind not in VQA_BACKENDS:
         raise ValueError(f"unknown VQA backend {kind!r}; expected one of {', '.join(VQA_BACKENDS)}")
     if kind == "world":  # the shapes world's exact evaluator: no model
-        from selma.world import WorldVQA
 
         return WorldVQA()
     if kind == "vllm":

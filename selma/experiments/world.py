@@ -35,9 +35,22 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
 
+from selma.config import build_config
+from selma.core.config import apply_override
+from selma.core.errors import ConfigError
 from selma.core.rundir import RunDir
 from selma.core.stage import StageBase, StageContext
+from selma.eval.report import grouped_bars
+from selma.images.export import png_bytes_of
+from selma.images.generator import png_bytes
+from selma.merge.methods import merge_experts
+from selma.pipeline import run_eval, run_stages
+from selma.world import WorldEvaluator, parse_caption, render
+from selma.world.scene import SKILL_KINDS, Scene, place_objects
 
 ARMS = ("base", "experts", "delta_mean", "ab_mean", "joint", "filtered", "ground_truth")
 ARM_TITLES = {
@@ -55,8 +68,6 @@ PER_SKILL_ARMS = ("experts", "filtered", "ground_truth")
 
 def skill_kind(skill: str) -> str:
     """The caption kind a world skill is scored on."""
-    from selma.world.scene import SKILL_KINDS
-
     kinds = SKILL_KINDS.get(skill)
     if not kinds or len(kinds) != 1:
         one_kind = sorted(s for s, k in SKILL_KINDS.items() if len(k) == 1)
@@ -66,9 +77,6 @@ def skill_kind(skill: str) -> str:
 
 def _with(config, **fields):
     """A validated copy of ``config`` with top-level fields or ``section.field`` keys replaced."""
-    from selma.config import build_config
-    from selma.core.config import apply_override
-
     data = config.model_dump(mode="json")
     for key, value in fields.items():
         apply_override(data, key.split("__"), value)
@@ -77,8 +85,6 @@ def _with(config, **fields):
 
 def check_experiment(config, arms: tuple[str, ...]) -> None:
     """Fail before any work on arms, skills or an evaluation the experiment cannot run."""
-    from selma.core.errors import ConfigError
-
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"unknown arm(s) {unknown}; arms: {', '.join(ARMS)}")
@@ -98,11 +104,6 @@ def check_experiment(config, arms: tuple[str, ...]) -> None:
 
 def filtered_images(images: pa.Table) -> pa.Table:
     """The self-generated images the exact evaluator finds to be exactly their prompt."""
-    from PIL import Image
-
-    from selma.images.export import png_bytes_of
-    from selma.world import WorldEvaluator
-
     evaluator = WorldEvaluator()
     keep = [evaluator.prompt_accuracy(Image.open(io.BytesIO(png_bytes_of(image))).convert("RGB"), prompt)
             for image, prompt in zip(images.column("image").to_pylist(), images.column("prompt").to_pylist())]
@@ -111,10 +112,6 @@ def filtered_images(images: pa.Table) -> pa.Table:
 
 def ground_truth_images(images: pa.Table) -> pa.Table:
     """The same rows with each image replaced by a render of a random scene its prompt states."""
-    from selma.images.generator import png_bytes
-    from selma.world import parse_caption, render
-    from selma.world.scene import Scene, place_objects
-
     renders = []
     for prompt, seed in zip(images.column("prompt").to_pylist(), images.column("seed").to_pylist()):
         graph = parse_caption(prompt)
@@ -156,8 +153,6 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
     Its skills are those left with enough images to train on (the evaluator may accept too few
     of a skill's images); returns its config, or None when no skill has enough.
     """
-    from selma.pipeline import run_stages
-
     transform = {"joint": lambda table: table, "filtered": filtered_images, "ground_truth": ground_truth_images}[name]
     tables = {}
     for skill in config.skills.names:
@@ -184,9 +179,6 @@ def derive_run(source: RunDir, config, name: str, progress: Callable[[str], None
 
 def run_experiment(config, out: str | Path, arms: tuple[str, ...] = ARMS, progress: Callable[[str], None] = print) -> dict:
     """Train and score every arm into ``out``; write the report. Reruns skip what is done."""
-    from selma.merge.methods import merge_experts
-    from selma.pipeline import run_eval, run_stages
-
     check_experiment(config, arms)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -243,8 +235,6 @@ def training_image_counts(out: Path, skills: list[str], arms) -> dict[str, dict[
 
 
 def _machine() -> dict:
-    import torch
-
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version()}
@@ -264,8 +254,6 @@ def arm_model(arm: str, skill: str) -> str:
 
 def accuracy_by_kind(run: RunDir, model: str) -> dict[str, dict]:
     """Prompt accuracy per caption kind: mean over prompts (each the mean of its images) ± s.e."""
-    import pyarrow.parquet as pq
-
     if not run.exists("eval", model, "world-images.parquet"):
         return {}
     table = pq.read_table(run.path("eval", model, "world-images.parquet"))
@@ -357,8 +345,6 @@ def markdown_experiment(data: dict) -> str:
 
 
 def experiment_chart(data: dict) -> bytes:
-    from selma.eval.report import grouped_bars
-
     kinds, results = data["kinds"], data["results"]
     series = {ARM_TITLES[arm]: ([100 * results.get(arm, {}).get(k, {}).get("accuracy", 0.0) for k in kinds],
                                 [100 * results.get(arm, {}).get(k, {}).get("stderr", 0.0) for k in kinds])

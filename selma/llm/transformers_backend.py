@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from selma.core.models import resolve_model
 from selma.llm.base import LLMBackend, LLMRequest, requests_from_batch, with_completions
 
 
@@ -13,7 +14,6 @@ class TransformersBackend(LLMBackend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from selma.core.models import resolve_model
 
         path = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -7,13 +7,12 @@ its own sampling seed, so completions do not depend on how the engine batches th
 
 from __future__ import annotations
 
+from selma.core.models import resolve_model
 from selma.llm.base import PROCESSOR_MAP_KWARGS, normalize_completions
 
 
 def engine_config(config):
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    from selma.core.models import resolve_model
+    from ray.data.llm import vLLMEngineProcessorConfig  # optional: needs vllm, in its own venv
 
     resources, options = config.resources, {}
     if not resources.gpus:

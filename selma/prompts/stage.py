@@ -23,10 +23,12 @@ import threading
 from dataclasses import asdict
 
 import pyarrow as pa
+import ray
 
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir
 from selma.core.stage import StageBase, StageContext
+from selma.llm import complete
 from selma.prompts.loop import Completion, PromptRow, SkillLoop, raise_if_short
 from selma.skills import load_registry
 
@@ -125,8 +127,6 @@ class FilterCompletions:
         self.actors = actors
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import ray
-
         rows = batch.select(COMPLETION_COLUMNS).to_pylist()
         by_skill: dict[str, list[dict]] = {}
         for row in rows:
@@ -141,8 +141,6 @@ class PromptSession:
     """The driver's side of the prompt stage: the skill actors and the pipeline passes over them."""
 
     def __init__(self, config, run: RunDir, progress=None):
-        import ray
-
         self.config, self.progress = config, Progress.of(progress)
         self.registry = registry = load_registry(config.skills.files)
         actor_class = ray.remote(num_cpus=0, max_restarts=0)(SkillLoopActor)
@@ -160,8 +158,6 @@ class PromptSession:
             "prompts", total=config.prompts.per_skill * len(config.skills.names), unit="prompts accepted")
 
     def statuses(self) -> list[dict]:
-        import ray
-
         return ray.get([actor.status.remote() for actor in self.actors.values()])
 
     def pass_dataset(self):
@@ -171,8 +167,6 @@ class PromptSession:
         starts), so it is sized from a conservative acceptance rate; a short pass is followed
         by another.
         """
-        import ray
-
         cfg = self.config.prompts
         slots = []
         for status in self.statuses():
@@ -186,7 +180,6 @@ class PromptSession:
         if not slots:
             return None
         slots.sort(key=lambda slot: slot["order"])  # round-major, so every skill advances together
-        from selma.llm import complete
 
         dataset = ray.data.from_items([{"skill": s["skill"], "round": s["round"]} for s in slots],
                                       override_num_blocks=len(slots))
@@ -209,8 +202,6 @@ class PromptSession:
                 "stats": {s["skill"]: s["stats"] for s in statuses}}
 
     def close(self) -> None:
-        import ray
-
         self.accepted.close()
         for actor in self.actors.values():
             ray.kill(actor)
