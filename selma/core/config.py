@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,9 @@ LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Fields added after runs were recorded: left out of the stage hash while they hold their
+    # default, so those runs' committed stages stay current.
+    hash_omits_default: ClassVar[frozenset[str]] = frozenset()
 
 
 class SkillsConfig(_Section):
@@ -126,6 +129,11 @@ class ImagesConfig(_Section):
     vae_tiling: bool = False
     max_error_rate: float = Field(0.05, ge=0, le=1)
     seed: int = 0
+    truncate_long_prompts: bool = Field(
+        False, description="let the text encoder cut prompts longer than it takes; false: such a prompt's "
+                           "images fail (recorded in errors/images)")
+
+    hash_omits_default = frozenset({"truncate_long_prompts"})
 
     @field_validator("resolution")
     @classmethod
@@ -345,6 +353,11 @@ class SelmaConfig(_Section):
     def section_hash(self, *sections: str) -> str:
         """A stable hash of the named sections, used to tell whether a committed stage is stale."""
         data = self.model_dump(mode="json")
+        for name in sections:
+            section = getattr(self, name)
+            for field in getattr(section, "hash_omits_default", ()):
+                if getattr(section, field) == type(section).model_fields[field].default:
+                    del data[name][field]
         payload = json.dumps({s: data[s] for s in sections}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -8,15 +8,19 @@ skips every ``image_id`` already written.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from selma.images.export import HF_FEATURES, dataset_card, with_hf_features
-from selma.images.generator import GenerationSettings, png_bytes
+from selma.images.generator import png_bytes
 from selma.core.ids import image_id, image_seed
 from selma.core.rundir import RunDir, new_part_name
+
+if TYPE_CHECKING:
+    from selma.core.config import ImagesConfig
 
 IMAGE_COLUMNS = list(HF_FEATURES)  # the contract of images/<skill>/*.parquet, in order
 
@@ -41,7 +45,7 @@ def written_image_ids(run: RunDir) -> set[str]:
 class GenerateImages:
     """Ray Data callable class: one pipeline per actor, a batch of rows in, rows with PNGs out."""
 
-    def __init__(self, model: str, settings: GenerationSettings, num_threads: int | None = None,
+    def __init__(self, model: str, settings: ImagesConfig, num_threads: int | None = None,
                  lora: str | None = None):
         import torch
 
@@ -179,7 +183,7 @@ def _draw(config, run: RunDir, planned, total: int | None, progress, poll_second
     import threading
 
     cfg = config.images
-    dataset = draw_images(planned, config.image_model, GenerationSettings.from_config(cfg), batch_size=cfg.batch_size,
+    dataset = draw_images(planned, config.image_model, cfg, batch_size=cfg.batch_size,
                           actors=(1, cfg.num_actors), cpus_per_actor=cfg.cpus_per_actor,
                           gpus_per_actor=cfg.gpus_per_actor, resources=cfg.resources_per_actor)
     failure: list[BaseException] = []
@@ -204,7 +208,7 @@ def _draw(config, run: RunDir, planned, total: int | None, progress, poll_second
         raise failure[0]
 
 
-def image_dataset(rows: pa.Table, model: str, settings: GenerationSettings, *, batch_size: int,
+def image_dataset(rows: pa.Table, model: str, settings: ImagesConfig, *, batch_size: int,
                   actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0):
     """The Ray Data pipeline that draws ``rows`` on a pool of (min, max) generator actors."""
     import ray
@@ -213,7 +217,7 @@ def image_dataset(rows: pa.Table, model: str, settings: GenerationSettings, *, b
                        actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
 
 
-def draw_images(planned, model: str, settings: GenerationSettings, *, batch_size: int,
+def draw_images(planned, model: str, settings: ImagesConfig, *, batch_size: int,
                 actors: tuple[int, int], cpus_per_actor: float = 1, gpus_per_actor: float = 0, lora: str | None = None,
                 resources: dict[str, float] | None = None):
     """``planned`` (a dataset of planned image rows) drawn on a pool of (min, max) generator actors,

@@ -27,10 +27,10 @@ def test_image_actors_ask_for_the_configured_custom_resources(ray_local):
     import pyarrow as pa
     import ray
 
-    from selma.images.generator import GenerationSettings
+    from selma.core.config import ImagesConfig
     from selma.images.stage import draw_images
 
     rows = ray.data.from_arrow(pa.table({"prompt": ["a cube"], "seed": [1]}))
-    dataset = draw_images(rows, "tiny:sd", GenerationSettings(steps=1), batch_size=1, actors=(1, 1),
+    dataset = draw_images(rows, "tiny:sd", ImagesConfig(steps=1), batch_size=1, actors=(1, 1),
                           resources={"gpu_node": 1})
     assert dataset._logical_plan.dag.ray_remote_args["resources"] == {"gpu_node": 1}
