@@ -20,11 +20,12 @@ from pathlib import Path
 def plain_loop(prompts, seeds, args) -> dict:
     import torch
 
-    from selma.images.generator import GenerationSettings, ImageGenerator, png_bytes
+    from selma.core.config import ImagesConfig
+    from selma.images.generator import ImageGenerator, png_bytes
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    generator = ImageGenerator(args.model, GenerationSettings(steps=args.steps, guidance_scale=7.5), device="cpu")
+    generator = ImageGenerator(args.model, ImagesConfig(steps=args.steps, guidance_scale=7.5), device="cpu")
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     for i in range(0, len(prompts), args.batch_size):
@@ -36,14 +37,13 @@ def plain_loop(prompts, seeds, args) -> dict:
 
 
 def ray_stage(table, args, actors: int) -> dict:
-    from selma.core.config import Resources
+    from selma.core.config import ImagesConfig, Resources
     from selma.core.rundir import RunDir
-    from selma.images.generator import GenerationSettings
     from selma.images.stage import image_dataset, write_images
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(tmp)
-        dataset = image_dataset(table, args.model, GenerationSettings(steps=args.steps, guidance_scale=7.5),
+        dataset = image_dataset(table, args.model, ImagesConfig(steps=args.steps, guidance_scale=7.5),
                                 batch_size=args.batch_size, resources=Resources(workers=actors, cpus=1), min_actors=actors)
         started = time.time()
         write_images(dataset, run)

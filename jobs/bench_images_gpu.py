@@ -87,7 +87,8 @@ def main() -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from selma.images.generator import GenerationSettings, ImageGenerator
+    from selma.core.config import ImagesConfig
+    from selma.images.generator import ImageGenerator
 
     device = "cpu" if args.smoke else "cuda"
     dtype = "float32" if args.smoke else "bfloat16"
@@ -109,8 +110,8 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-        settings = GenerationSettings(steps=steps, guidance_scale=7.5, resolution=size, dtype=dtype,
-                                      channels_last=True, compile=not args.smoke)
+        settings = ImagesConfig(steps=steps, guidance_scale=7.5, resolution=size, dtype=dtype,
+                                channels_last=True, compile=not args.smoke)
         ours = ImageGenerator(path, settings, device=device)
         for batch in batches:
             results["selma"].append(measure(lambda p: ours.generate(p, list(range(len(p)))), batch,

@@ -33,16 +33,15 @@ def plain_loop(run_dir: Path, skill: str, config, warmup: int) -> float:
     import torch
 
     from selma.train.data import PrepareTrainingBatch
-    from selma.train.step import LoraSettings, LoraTrainStep, OptimizerSettings, load_training_components
+    from selma.train.step import LoraTrainStep, load_training_components
 
     t = config.train
     torch.set_num_threads(int(t.resources.cpus))
     rows = pq.ParquetDataset(sorted((run_dir / "images" / skill).glob("*.parquet"))).read().to_pydict()
     prepare = PrepareTrainingBatch(config.model, 64)
     torch.manual_seed(0)
-    components = load_training_components(config.model, LoraSettings.from_config(t))
-    trainer = LoraTrainStep(components, OptimizerSettings(learning_rate=t.learning_rate,
-                                                          micro_batch_size=t.batch_size), seed=0)
+    components = load_training_components(config.model, t)
+    trainer = LoraTrainStep(components, t, seed=0)
     images = {"image": rows["image"], "prompt": rows["prompt"]}
     started = None
     for step in range(t.max_steps):

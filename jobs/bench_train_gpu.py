@@ -55,18 +55,14 @@ def plain_peft_step(path: str, rank: int, device: str, dtype):
 
 
 def selma_step(path: str, rank: int, device: str, mixed_precision: str, strategy: str):
-    from selma.train.step import (
-        LoraSettings,
-        LoraTrainStep,
-        OptimizerSettings,
-        init_single_process_group,
-        load_training_components,
-    )
+    from selma.core.config import TrainConfig
+    from selma.train.step import LoraTrainStep, init_single_process_group, load_training_components
 
+    train = TrainConfig(rank=rank, alpha=rank, batch_size=16, effective_batch_size=16, strategy=strategy, zero_stage=2,
+                        mixed_precision=mixed_precision)
     init_single_process_group(device)
-    components = load_training_components(path, LoraSettings(rank, rank), mixed_precision=mixed_precision, device=device)
-    trainer = LoraTrainStep(components, OptimizerSettings(micro_batch_size=16, strategy=strategy, zero_stage=2,
-                                                          mixed_precision=mixed_precision), seed=0)
+    components = load_training_components(path, train, device=device)
+    trainer = LoraTrainStep(components, train, seed=0)
     return lambda batch: trainer.train_micro_batch(batch)
 
 

@@ -1,3 +1,5 @@
+import hashlib
+import json
 import subprocess
 import sys
 
@@ -75,6 +77,15 @@ def test_joint_mode_trains_one_expert_named_joint():
     config = load_config("tiny", ["train.mode=joint", "merge.weights={joint: 1.0}"])
     assert config.expert_names == ["joint"]
     assert load_config("tiny").expert_names == load_config("tiny").skills.names
+
+
+def test_a_field_added_after_runs_were_recorded_stays_out_of_the_stage_hash_at_its_default():
+    config = load_config("tiny")
+    images = config.model_dump(mode="json")["images"]
+    del images["truncate_long_prompts"], images["resources"]  # resources stay out of every hash
+    recorded = hashlib.sha256(json.dumps({"images": images}, sort_keys=True).encode()).hexdigest()[:16]
+    assert config.section_hash("images") == recorded
+    assert load_config("tiny", ["images.truncate_long_prompts=true"]).section_hash("images") != recorded
 
 
 @pytest.mark.parametrize("overrides,field", BAD)

@@ -29,6 +29,9 @@ REPLACED_KEY_ERROR = "replaced_key"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Fields added after runs were recorded: left out of the stage hash while they hold their
+    # default, so those runs' committed stages stay current.
+    hash_omits_default: ClassVar[frozenset[str]] = frozenset()
 
     # The compute keys the section had before ``resources``, old key → field of Resources: refused
     # in a config, read in the run.json of runs made before.
@@ -201,6 +204,11 @@ class ImagesConfig(_Section):
     vae_tiling: bool = False
     max_error_rate: float = Field(0.05, ge=0, le=1)
     seed: int = 0
+    truncate_long_prompts: bool = Field(
+        False, description="let the text encoder cut prompts longer than it takes; false: such a prompt's "
+                           "images fail (recorded in errors/images)")
+
+    hash_omits_default = frozenset({"truncate_long_prompts"})
 
     @field_validator("resolution")
     @classmethod
@@ -431,13 +439,22 @@ class SelmaConfig(_Section):
                 hashed = {k: v for k, v in node.pop("resources").items() if k in section.hashed_resources}
                 if hashed:
                     node["resources"] = hashed
-        return _hash({s: data[s] for s in sections})
+        return _hash(self._without_new_defaults(data, sections))
 
     def legacy_section_hash(self, *sections: str) -> str:
         """:meth:`section_hash` as it was before ``resources`` replaced each section's compute keys,
         which it hashed with the rest: what run directories written then recorded."""
-        data = legacy_layout(self.model_dump(mode="json"))
-        return _hash({s: data[s] for s in sections})
+        return _hash(self._without_new_defaults(legacy_layout(self.model_dump(mode="json")), sections))
+
+    def _without_new_defaults(self, data: dict, sections: tuple[str, ...]) -> dict:
+        """``sections`` of ``data`` less the fields added after runs were recorded, while they hold
+        their default (``hash_omits_default``)."""
+        for name in sections:
+            section = getattr(self, name)
+            for field in getattr(section, "hash_omits_default", ()):
+                if getattr(section, field) == type(section).model_fields[field].default:
+                    data[name].pop(field, None)
+        return {name: data[name] for name in sections}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -15,7 +15,6 @@ For every model (``base``, ``merged``, ``expert-<name>``, or a LoRA folder) and 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -227,19 +226,20 @@ def _file_digest(path: str) -> str:
 
 
 def generation_settings(config):
-    from selma.images.generator import GenerationSettings
-
-    settings = GenerationSettings.from_config(config.images)
+    """The ``images`` section eval draws with: ``eval.steps`` if set, and long prompts truncated."""
+    images = config.images
     # Benchmarks hold prompts longer than a CLIP text encoder takes (DSG-1K's paragraphs): the
     # pipeline truncates them, as in the published evaluations.
-    return dataclasses.replace(settings, steps=config.eval.steps or settings.steps, truncate_long_prompts=True)
+    return images.model_copy(update={"steps": config.eval.steps or images.steps, "truncate_long_prompts": True})
 
 
 def images_key(config, model: EvalModel, benchmark: str) -> str:
     from selma.core.rundir import local_folder
+    from selma.images.generator import GENERATOR_FIELDS
 
     lora = _file_digest(str(Path(local_folder(model.lora)) / "pytorch_lora_weights.safetensors")) if model.lora else None
-    return _key(config.model, lora, generation_settings(config).__dict__, config.eval.seed, benchmark)
+    drawn_with = generation_settings(config).model_dump(include=GENERATOR_FIELDS)
+    return _key(config.model, lora, drawn_with, config.eval.seed, benchmark)
 
 
 def planned_eval_images(questions: pa.Table, benchmark: str, images_per_prompt: int, seed: int) -> pa.Table:

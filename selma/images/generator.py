@@ -9,38 +9,18 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from selma.core.config import ImagesConfig
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    steps: int = 50
-    guidance_scale: float = 7.5
-    resolution: int | None = None
-    negative_prompt: str | None = None
-    dtype: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    vae_slicing: bool = False
-    vae_tiling: bool = False
-    truncate_long_prompts: bool = False  # False: refuse prompts the text encoder would cut short
-
-    @classmethod
-    def from_config(cls, images_config) -> "GenerationSettings":
-        return cls(
-            steps=images_config.steps,
-            guidance_scale=images_config.guidance_scale,
-            resolution=images_config.resolution,
-            negative_prompt=images_config.negative_prompt,
-            dtype=images_config.dtype,
-            channels_last=images_config.channels_last,
-            compile=images_config.compile,
-            vae_slicing=images_config.vae_slicing,
-            vae_tiling=images_config.vae_tiling,
-        )
+# The ImagesConfig fields an ImageGenerator reads: with the model, a LoRA and the seeds, they decide
+# the images it draws (eval keys its drawn images on them).
+GENERATOR_FIELDS = frozenset({"steps", "guidance_scale", "resolution", "negative_prompt", "dtype", "channels_last",
+                              "compile", "vae_slicing", "vae_tiling", "truncate_long_prompts"})
 
 
 def torch_dtype(name: str, device: str):
@@ -98,9 +78,9 @@ def load_adapter(pipe, lora_dir: str, name: str) -> None:
 
 class ImageGenerator:
     """Loads a pipeline once (with a LoRA fused in when ``lora`` names a folder) and draws seeded
-    images for batches of prompts."""
+    images for batches of prompts, as the ``settings`` (an ``images`` config section) say."""
 
-    def __init__(self, model: str, settings: GenerationSettings, *, device: str | None = None,
+    def __init__(self, model: str, settings: ImagesConfig, *, device: str | None = None,
                  lora: str | None = None):
         self.model = model
         self.settings = settings
@@ -112,7 +92,7 @@ class ImageGenerator:
             self.pipe.unload_lora_weights()
         self._optimize(settings)
 
-    def _optimize(self, settings: GenerationSettings) -> None:
+    def _optimize(self, settings: ImagesConfig) -> None:
         """Speed-ups that leave the sampled images unchanged up to float rounding.
 
         Attention already runs through PyTorch's scaled_dot_product_attention (diffusers' default

@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from selma.images.export import HF_FEATURES, dataset_card, with_hf_features
-from selma.images.generator import GenerationSettings, png_bytes
+from selma.images.generator import png_bytes
 from selma.core.ids import image_id, image_seed
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir, new_part_name
 from selma.core.stage import StageBase, StageContext
 
 if TYPE_CHECKING:
-    from selma.core.config import Resources
+    from selma.core.config import ImagesConfig, Resources
 
 IMAGE_COLUMNS = list(HF_FEATURES)  # the contract of images/<skill>/*.parquet, in order
 
@@ -47,7 +47,7 @@ def written_image_ids(run: RunDir) -> set[str]:
 class GenerateImages:
     """Ray Data callable class: one pipeline per actor, a batch of rows in, rows with PNGs out."""
 
-    def __init__(self, model: str, settings: GenerationSettings, num_threads: int | None = None,
+    def __init__(self, model: str, settings: ImagesConfig, num_threads: int | None = None,
                  lora: str | None = None):
         import torch
 
@@ -199,8 +199,7 @@ def _draw(config, run: RunDir, planned, total: int | None, progress: Progress) -
     import threading
 
     cfg = config.images
-    dataset = draw_images(planned, config.image_model, GenerationSettings.from_config(cfg), batch_size=cfg.batch_size,
-                          resources=cfg.resources)
+    dataset = draw_images(planned, config.image_model, cfg, batch_size=cfg.batch_size, resources=cfg.resources)
     failure: list[BaseException] = []
 
     def write() -> None:
@@ -220,7 +219,7 @@ def _draw(config, run: RunDir, planned, total: int | None, progress: Progress) -
         raise failure[0]
 
 
-def image_dataset(rows: pa.Table, model: str, settings: GenerationSettings, *, batch_size: int,
+def image_dataset(rows: pa.Table, model: str, settings: ImagesConfig, *, batch_size: int,
                   resources: Resources, min_actors: int = 1):
     """The Ray Data pipeline that draws ``rows`` on a pool of ``min_actors`` to ``resources.workers``
     generator actors."""
@@ -230,7 +229,7 @@ def image_dataset(rows: pa.Table, model: str, settings: GenerationSettings, *, b
                        resources=resources, min_actors=min_actors)
 
 
-def draw_images(planned, model: str, settings: GenerationSettings, *, batch_size: int, resources: Resources,
+def draw_images(planned, model: str, settings: ImagesConfig, *, batch_size: int, resources: Resources,
                 min_actors: int = 1, lora: str | None = None):
     """``planned`` (a dataset of planned image rows) drawn on a pool of ``min_actors`` to
     ``resources.workers`` generator actors, with the LoRA in folder ``lora`` fused into the model

@@ -17,7 +17,7 @@ more requests in flight for batch engines. The same object runs in-process
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from selma.core.ids import derived_seed, prompt_id

@@ -243,12 +243,13 @@ class ImageModel:
 
         import torch
 
-        from selma.images.generator import GenerationSettings, ImageGenerator, default_device
+        from selma.core.config import ImagesConfig
+        from selma.images.generator import ImageGenerator, default_device
 
         device = default_device()
         if device == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
-        settings = GenerationSettings(steps=default_steps, guidance_scale=guidance_scale)
+        settings = ImagesConfig().model_copy(update={"steps": default_steps, "guidance_scale": guidance_scale})
         self.generator = ImageGenerator(base_model, settings, device=device)
         self.adapters = dict(adapters)
         self.loaded: set[str] = set()

@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,84 +23,37 @@ from selma.core.stage import StageBase, StageContext
 from selma.raylib import quiet_ray_data
 
 if TYPE_CHECKING:
-    from selma.core.config import Resources
+    from selma.core.config import TrainConfig
 
 PROGRESS_ACTOR = "selma-train-progress"
 
 
 @dataclass(frozen=True)
 class ExpertJob:
-    """Everything one expert's trainer needs; plain data so it travels to Ray workers."""
+    """What one expert's trainer needs: the config's ``train`` section and what that section does not
+    say (which expert, its skills, the model, the run, the image size). It travels to the Ray Train
+    workers."""
 
-    skill: str  # the expert's name: a skill, or "joint"
+    name: str  # a skill, or "joint"
     skills: tuple[str, ...]  # the skills whose images it trains on
     model: str
     run_uri: str
     resolution: int
-    rank: int
-    alpha: float
-    init_lora_weights: str
-    target_modules: tuple[str, ...]
-    learning_rate: float
-    adam_beta1: float
-    adam_beta2: float
-    adam_epsilon: float
-    weight_decay: float
-    max_grad_norm: float
-    batch_size: int
-    gradient_accumulation_steps: int
-    max_steps: int
-    random_crop: bool
-    random_flip: bool
-    mixed_precision: str
-    strategy: str
-    zero_stage: int
-    resources: Resources
-    data_cpus: float
-    data_workers: int
-    checkpoint_every: int
-    max_failures: int
-    seed: int
+    train: TrainConfig
     progress_actor: str | None = None
 
     @classmethod
     def from_config(cls, config, expert: str, run: RunDir, resolution: int):
         from selma.core.config import JOINT_EXPERT
 
-        t = config.train
-        skills = tuple(config.skills.names) if expert == JOINT_EXPERT and t.mode == "joint" else (expert,)
-        return cls(
-            skill=expert, skills=skills, model=config.model, run_uri=run.uri, resolution=resolution, rank=t.rank, alpha=t.alpha,
-            init_lora_weights=t.init_lora_weights, target_modules=tuple(t.target_modules),
-            learning_rate=t.learning_rate, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
-            adam_epsilon=t.adam_epsilon, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-            batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-            max_steps=t.max_steps, random_crop=t.random_crop, random_flip=t.random_flip,
-            mixed_precision=t.mixed_precision, strategy=t.strategy, zero_stage=t.zero_stage,
-            resources=t.resources,
-            data_cpus=t.data_cpus, data_workers=t.data_workers, checkpoint_every=t.checkpoint_every, max_failures=t.max_failures,
-            seed=t.seed,
-        )
-
-    @property
-    def lora(self):
-        from selma.train.step import LoraSettings
-
-        return LoraSettings(self.rank, self.alpha, self.init_lora_weights, self.target_modules)
-
-    @property
-    def optimizer(self):
-        from selma.train.step import OptimizerSettings
-
-        return OptimizerSettings(
-            learning_rate=self.learning_rate, betas=(self.adam_beta1, self.adam_beta2), epsilon=self.adam_epsilon,
-            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, micro_batch_size=self.batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps, strategy=self.strategy,
-            zero_stage=self.zero_stage, mixed_precision=self.mixed_precision)
+        joint = expert == JOINT_EXPERT and config.train.mode == "joint"
+        skills = tuple(config.skills.names) if joint else (expert,)
+        return cls(name=expert, skills=skills, model=config.model, run_uri=run.uri, resolution=resolution,
+                   train=config.train)
 
 
-def train_expert_loop(job_fields: dict) -> None:
-    """Ray Train worker loop for one expert."""
+def train_expert_loop(loop_config: dict) -> None:
+    """Ray Train worker loop for one expert: ``loop_config["job"]`` is its :class:`ExpertJob`."""
     import ray.train
     import ray.train.torch
     import torch
@@ -108,16 +61,16 @@ def train_expert_loop(job_fields: dict) -> None:
     from selma.core.ids import derived_seed
     from selma.train.step import LoraTrainStep, load_training_components
 
-    job = ExpertJob(**job_fields)
+    job: ExpertJob = loop_config["job"]
+    t = job.train
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if job.resources.gpus else torch.device("cpu")
-    if job.resources.cpu_threads:
-        torch.set_num_threads(job.resources.cpu_threads)
-    torch.manual_seed(derived_seed(job.seed, job.skill, "init"))  # same LoRA init on every worker
-    components = load_training_components(job.model, job.lora, mixed_precision=job.mixed_precision,
-                                          device=str(device))
-    trainer = LoraTrainStep(components, job.optimizer, seed=derived_seed(job.seed, job.skill, rank))
+    device = ray.train.torch.get_device() if t.resources.gpus else torch.device("cpu")
+    if t.resources.cpu_threads:
+        torch.set_num_threads(t.resources.cpu_threads)
+    torch.manual_seed(derived_seed(t.seed, job.name, "init"))  # same LoRA init on every worker
+    components = load_training_components(job.model, t, device=str(device))
+    trainer = LoraTrainStep(components, t, seed=derived_seed(t.seed, job.name, rank))
     metrics: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -126,13 +79,13 @@ def train_expert_loop(job_fields: dict) -> None:
             metrics = _read_metrics(Path(directory) / "metrics.jsonl")[: trainer.step]
     board = _progress_board(job.progress_actor) if rank == 0 else None
     if checkpoint and board is not None:
-        board.resumed.remote(job.skill, trainer.step)
+        board.resumed.remote(job.name, trainer.step)
     shard = ray.train.get_dataset_shard("train")
     window_start, window_samples, window_losses = None, 0, []
-    while trainer.step < job.max_steps:
+    while trainer.step < t.max_steps:
         batches = 0
-        for batch in shard.iter_torch_batches(batch_size=job.batch_size, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=4 * job.batch_size):
+        for batch in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=4 * t.batch_size):
             batches += 1
             window_start = window_start or time.time()
             loss, stepped = trainer.train_micro_batch(batch)
@@ -142,17 +95,17 @@ def train_expert_loop(job_fields: dict) -> None:
                 continue
             elapsed = max(time.time() - window_start, 1e-9)
             record = {"step": trainer.step, "loss": sum(window_losses) / len(window_losses),
-                      "lr": job.learning_rate, "samples_per_s": round(window_samples / elapsed, 3)}
+                      "lr": t.learning_rate, "samples_per_s": round(window_samples / elapsed, 3)}
             metrics.append(record)
             window_start, window_samples, window_losses = time.time(), 0, []
             if board is not None:
-                board.update.remote(job.skill, trainer.step, job.max_steps, record["loss"])
-            if trainer.step % job.checkpoint_every == 0 or trainer.step == job.max_steps:
+                board.update.remote(job.name, trainer.step, t.max_steps, record["loss"])
+            if trainer.step % t.checkpoint_every == 0 or trainer.step == t.max_steps:
                 _report_checkpoint(trainer, rank, metrics)
-            if trainer.step >= job.max_steps:
+            if trainer.step >= t.max_steps:
                 break
         if batches == 0:
-            raise RuntimeError(f"expert {job.skill!r}: its data yields no full batch of {job.batch_size}")
+            raise RuntimeError(f"expert {job.name!r}: its data yields no full batch of {t.batch_size}")
     state = trainer.lora_state_dict()  # a collective under ZeRO-3: every rank takes part
     if rank == 0:
         _write_expert(job, state, metrics)
@@ -176,27 +129,29 @@ def _report_checkpoint(trainer, rank: int, metrics: list[dict]) -> None:
 
 def _write_expert(job: ExpertJob, lora_state: dict, metrics: list[dict]) -> None:
     from selma.merge.lora_io import save_peft_state_dict
+    from selma.train.step import peft_lora_config
 
     with tempfile.TemporaryDirectory(prefix="selma-expert-") as directory:
         directory = Path(directory)
-        save_peft_state_dict(lora_state, job.lora.peft_config(), directory, base_model=job.model,
-                             extra_metadata={"skill": job.skill, "steps": str(job.max_steps)})
+        save_peft_state_dict(lora_state, peft_lora_config(job.train), directory, base_model=job.model,
+                             extra_metadata={"skill": job.name, "steps": str(job.train.max_steps)})
         (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         (directory / "README.md").write_text(model_card(job, metrics))
-        RunDir(job.run_uri).put_dir(directory, f"experts/{job.skill}")
+        RunDir(job.run_uri).put_dir(directory, f"experts/{job.name}")
 
 
 def model_card(job: ExpertJob, metrics: list[dict]) -> str:
-    settings = {k: v for k, v in asdict(job).items() if k not in ("run_uri", "progress_actor")}
-    settings["resources"] = job.resources.model_dump(mode="json")
+    t = job.train
+    settings = {"skill": job.name, "skills": list(job.skills), "model": job.model, "resolution": job.resolution,
+                "train": t.model_dump(mode="json")}
     final = metrics[-1]["loss"] if metrics else float("nan")
     return (
         f"---\nlibrary_name: diffusers\nbase_model: {job.model}\ntags:\n- lora\n- selma\n- text-to-image\n---\n\n"
-        f"# SELMA expert: `{job.skill}`\n\n"
-        f"A LoRA (rank {job.rank}, alpha {job.alpha}) on the UNet attention projections of `{job.model}`, "
+        f"# SELMA expert: `{job.name}`\n\n"
+        f"A LoRA (rank {t.rank}, alpha {t.alpha}) on the UNet attention projections of `{job.model}`, "
         f"fine-tuned by selma on auto-generated prompts of the skill(s) {', '.join(job.skills)} "
         "and the model's own images.\n\n"
-        f"Final training loss: {final:.4f} after {job.max_steps} steps.\n\n"
+        f"Final training loss: {final:.4f} after {t.max_steps} steps.\n\n"
         "```python\nfrom diffusers import DiffusionPipeline\n"
         f"pipe = DiffusionPipeline.from_pretrained({job.model!r})\npipe.load_lora_weights('<this folder>')\n```\n\n"
         "## Training settings\n\n```json\n" + json.dumps(settings, indent=2, default=str) + "\n```\n"
@@ -263,32 +218,33 @@ def fit_expert(job: ExpertJob) -> dict:
     from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
 
     quiet_ray_data()
+    t = job.train
     run = RunDir(job.run_uri)
     files = [f for skill in job.skills for f in run.list_files("images", skill)]
     rows = sum(run.parquet_rows(f) for f in files)
-    samples = job.max_steps * job.batch_size * job.gradient_accumulation_steps * job.resources.workers
-    plan = epoch_plan(files, max(1, math.ceil(samples / max(rows, 1))), derived_seed(job.seed, job.skill, "epochs"))
+    samples = t.max_steps * t.effective_batch_size
+    plan = epoch_plan(files, max(1, math.ceil(samples / max(rows, 1))), derived_seed(t.seed, job.name, "epochs"))
     dataset = ray.data.from_items(plan, override_num_blocks=min(len(plan), 1000)).map_batches(
         read_and_prepare,
-        compute=ray.data.TaskPoolStrategy(size=job.data_workers),
+        compute=ray.data.TaskPoolStrategy(size=t.data_workers),
         fn_kwargs={"run_uri": job.run_uri, "model": job.model, "resolution": job.resolution,
-                   "rows_per_batch": rows_per_block(job.resolution, job.batch_size), "random_crop": job.random_crop, "random_flip": job.random_flip,
+                   "rows_per_batch": rows_per_block(job.resolution, t.batch_size), "random_crop": t.random_crop, "random_flip": t.random_flip,
                    "report_skipped": _skip_reporter(_progress_board(job.progress_actor))},
         batch_size=16,  # files per call; their rows are re-batched into blocks of rows_per_block
-        num_cpus=job.data_cpus,
+        num_cpus=t.data_cpus,
         batch_format="numpy",
     )
     trainer = TorchTrainer(
         train_expert_loop,
-        train_loop_config=asdict(job),
-        scaling_config=job.resources.scaling_config(),
-        run_config=RunConfig(name=f"expert-{job.skill}", storage_path=run.uri_of("_work", "train"),
-                             failure_config=FailureConfig(max_failures=job.max_failures),
+        train_loop_config={"job": job},
+        scaling_config=t.resources.scaling_config(),
+        run_config=RunConfig(name=f"expert-{job.name}", storage_path=run.uri_of("_work", "train"),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
     )
     result = trainer.fit()
-    return {"skill": job.skill, "metrics": result.metrics}
+    return {"skill": job.name, "metrics": result.metrics}
 
 
 def expert_resources(t) -> dict[str, float]:
@@ -334,10 +290,10 @@ def experts_at_once(config) -> int:
 def preflight_train(config) -> None:
     """Checks of the train settings against the model, before any stage of the run starts."""
     from selma.core.errors import ConfigError
-    from selma.train.step import LoraSettings, check_lora_targets
+    from selma.train.step import check_lora_targets
 
     try:
-        check_lora_targets(config.model, LoraSettings.from_config(config.train))
+        check_lora_targets(config.model, config.train)
     except ValueError as err:
         raise ConfigError(f"{err}") from None
 

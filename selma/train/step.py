@@ -8,32 +8,27 @@ pooled text embeddings and ``add_time_ids`` (original size, crop corner, target 
 :class:`LoraTrainStep` owns everything after the forward pass: AdamW over the LoRA weights, gradient
 clipping, gradient accumulation, DDP or DeepSpeed (ZeRO), and checkpoints (LoRA, optimizer, step
 count, RNG state). It runs in a plain process as well as in a Ray Train worker.
+
+Every setting comes from a run config's ``train`` section (:class:`selma.core.config.TrainConfig`,
+plain pydantic); outside a run, build one, e.g. ``TrainConfig(rank=4, alpha=4, strategy="ddp")``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from selma.core.config import TrainConfig
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int
-    alpha: float
-    init_lora_weights: str = "gaussian"
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+def peft_lora_config(train: TrainConfig):
+    """The peft ``LoraConfig`` of ``train``'s rank, alpha, initialisation and target modules."""
+    from peft import LoraConfig
 
-    @classmethod
-    def from_config(cls, train_config) -> "LoraSettings":
-        return cls(train_config.rank, train_config.alpha, train_config.init_lora_weights,
-                   tuple(train_config.target_modules))
-
-    def peft_config(self):
-        from peft import LoraConfig
-
-        init = True if self.init_lora_weights == "default" else self.init_lora_weights
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights=init,
-                          target_modules=list(self.target_modules))
+    init = True if train.init_lora_weights == "default" else train.init_lora_weights
+    return LoraConfig(r=train.rank, lora_alpha=train.alpha, init_lora_weights=init,
+                      target_modules=list(train.target_modules))
 
 
 @dataclass
@@ -56,23 +51,22 @@ def weight_dtype_for(mixed_precision: str):
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-def load_training_components(model: str, lora: LoraSettings, *, mixed_precision: str = "no",
-                             device: str = "cpu") -> TrainingComponents:
-    """Frozen VAE/text encoders and a UNet carrying a fresh fp32 LoRA adapter."""
+def load_training_components(model: str, train: TrainConfig, *, device: str = "cpu") -> TrainingComponents:
+    """Frozen VAE/text encoders in ``train.mixed_precision`` and a UNet carrying a fresh fp32 LoRA adapter."""
     import torch
     from diffusers import DDPMScheduler
 
     from selma.images.generator import load_pipeline
 
-    dtype = weight_dtype_for(mixed_precision)
+    dtype = weight_dtype_for(train.mixed_precision)
     pipe = load_pipeline(model, dtype="float32", device="cpu")
     unet, vae = pipe.unet, pipe.vae
     text_encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     for module in [unet, vae, *text_encoders]:
         module.requires_grad_(False)
         module.eval()
-    _check_lora_fits(unet, lora, model)
-    unet.add_adapter(lora.peft_config())
+    _check_lora_fits(unet, train, model)
+    unet.add_adapter(peft_lora_config(train))
     for module in [unet, vae, *text_encoders]:
         module.to(device, dtype=dtype)
     for parameter in unet.parameters():
@@ -83,11 +77,11 @@ def load_training_components(model: str, lora: LoraSettings, *, mixed_precision:
     return TrainingComponents(unet, vae, text_encoders, scheduler, hasattr(pipe, "text_encoder_2"), device, dtype)
 
 
-def _check_lora_fits(unet, lora: LoraSettings, model: str, *, linear_only: bool = False) -> None:
+def _check_lora_fits(unet, train: TrainConfig, model: str, *, linear_only: bool = False) -> None:
     """Named errors for target modules the UNet lacks and for a rank wider than a targeted layer."""
     import torch
 
-    targets = {m: [] for m in lora.target_modules}
+    targets = {m: [] for m in train.target_modules}
     for name, module in unet.named_modules():
         for suffix in targets:
             if name == suffix or name.endswith("." + suffix):
@@ -103,12 +97,12 @@ def _check_lora_fits(unet, lora: LoraSettings, model: str, *, linear_only: bool 
                              "(and the merge methods) hold LoRA on Linear layers only")
     widths = [min(m.in_features, m.out_features) for found in targets.values() for m in found
               if isinstance(m, torch.nn.Linear)]
-    if widths and lora.rank > min(widths):
-        raise ValueError(f"train.rank={lora.rank} exceeds the narrowest targeted layer of {model} "
+    if widths and train.rank > min(widths):
+        raise ValueError(f"train.rank={train.rank} exceeds the narrowest targeted layer of {model} "
                          f"({min(widths)} features); a rank above a layer's width adds nothing")
 
 
-def check_lora_targets(model: str, lora: LoraSettings) -> None:
+def check_lora_targets(model: str, train: TrainConfig) -> None:
     """Preflight for the train stage, on a weightless (meta-device) UNet built from the model's config:
     the targets exist, are Linear layers (what an expert file can hold) and are at least ``rank`` wide."""
     import torch
@@ -119,7 +113,7 @@ def check_lora_targets(model: str, lora: LoraSettings) -> None:
     config = UNet2DConditionModel.load_config(resolve_model(model), subfolder="unet")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    _check_lora_fits(unet, lora, model, linear_only=True)
+    _check_lora_fits(unet, train, model, linear_only=True)
 
 
 def encode_text(components: TrainingComponents, batch: dict) -> tuple[Any, dict]:
@@ -195,32 +189,17 @@ def load_lora_state_dict(unet, state: dict) -> None:
         raise ValueError(f"checkpoint has LoRA tensors this UNet lacks: {unexpected[:5]}")
 
 
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """AdamW, clipping, accumulation and the parallel strategy (paper defaults)."""
-
-    learning_rate: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    epsilon: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    strategy: str = "ddp"  # "ddp": plain torch, DistributedDataParallel when the process group has >1 rank
-    zero_stage: int = 2
-    mixed_precision: str = "no"
-
-    def deepspeed_config(self) -> dict:
-        return {
-            "train_micro_batch_size_per_gpu": self.micro_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "gradient_clipping": self.max_grad_norm,
-            "zero_optimization": {"stage": self.zero_stage},
-            "bf16": {"enabled": self.mixed_precision == "bf16"},
-            "fp16": {"enabled": self.mixed_precision == "fp16"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+def deepspeed_config(train: TrainConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.mixed_precision == "bf16"},
+        "fp16": {"enabled": train.mixed_precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
 
 
 class LoraTrainStep:
@@ -232,31 +211,31 @@ class LoraTrainStep:
     timesteps it would have drawn without the interruption.
     """
 
-    def __init__(self, components: TrainingComponents, settings: OptimizerSettings, seed: int):
+    def __init__(self, components: TrainingComponents, train: TrainConfig, seed: int):
         import torch
 
         self.components = components
-        self.settings = settings
+        self.train_config = train
         self.parameters = components.lora_parameters()
-        optimizer = torch.optim.AdamW(self.parameters, lr=settings.learning_rate, betas=settings.betas,
-                                      eps=settings.epsilon, weight_decay=settings.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameters, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                                      eps=train.adam_epsilon, weight_decay=train.weight_decay)
         self.engine = None
-        if settings.strategy == "deepspeed":
+        if train.strategy == "deepspeed":
             import deepspeed
 
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=components.unet, optimizer=optimizer, config=settings.deepspeed_config(),
+                model=components.unet, optimizer=optimizer, config=deepspeed_config(train),
                 dist_init_required=False)
             self.model = self.engine
-        elif settings.strategy == "ddp":
+        elif train.strategy == "ddp":
             self.optimizer = optimizer
             self.model = _wrap_ddp(components.unet, components.device)
         else:
-            raise ValueError(f"unknown train.strategy {settings.strategy!r}; expected 'deepspeed' or 'ddp'")
+            raise ValueError(f"unknown train.strategy {train.strategy!r}; expected 'deepspeed' or 'ddp'")
         device = torch.device(components.device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.autocast = torch.autocast(device.type, dtype=components.weight_dtype,
-                                       enabled=settings.mixed_precision != "no" and self.engine is None)
+                                       enabled=train.mixed_precision != "no" and self.engine is None)
         self.step = 0
         self._micro_steps = 0
 
@@ -275,10 +254,10 @@ class LoraTrainStep:
             self.engine.backward(loss)
             self.engine.step()
         else:
-            (loss / self.settings.gradient_accumulation_steps).backward()
-            boundary = self._micro_steps % self.settings.gradient_accumulation_steps == 0
+            (loss / self.train_config.gradient_accumulation_steps).backward()
+            boundary = self._micro_steps % self.train_config.gradient_accumulation_steps == 0
             if boundary:
-                torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.train_config.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if boundary:
@@ -289,7 +268,7 @@ class LoraTrainStep:
         """The full fp32 LoRA tensors (gathered across ranks under ZeRO-3); call on every rank."""
         import torch
 
-        if self.engine is not None and self.settings.zero_stage == 3:
+        if self.engine is not None and self.train_config.zero_stage == 3:
             from deepspeed.utils import safe_get_full_fp32_param
             from peft.utils import get_peft_model_state_dict
 
@@ -341,7 +320,7 @@ class LoraTrainStep:
         if rng.exists():
             self.generator.set_state(load_file(str(rng))["generator"])
         self.step = json.loads((directory / "step.json").read_text())["step"]
-        self._micro_steps = self.step * self.settings.gradient_accumulation_steps
+        self._micro_steps = self.step * self.train_config.gradient_accumulation_steps
 
 
 def _parameter_name(peft_key: str, names: dict) -> str:

@@ -27,12 +27,11 @@ def test_image_actors_ask_for_the_configured_custom_resources(ray_local):
     import pyarrow as pa
     import ray
 
-    from selma.core.config import Resources
-    from selma.images.generator import GenerationSettings
+    from selma.core.config import ImagesConfig, Resources
     from selma.images.stage import draw_images
 
     rows = ray.data.from_arrow(pa.table({"prompt": ["a cube"], "seed": [1]}))
-    dataset = draw_images(rows, "tiny:sd", GenerationSettings(steps=1), batch_size=1,
+    dataset = draw_images(rows, "tiny:sd", ImagesConfig(steps=1), batch_size=1,
                           resources=Resources(cpus=0.5, custom={"gpu_node": 1}))
     options = dataset._logical_plan.dag.ray_remote_args
     assert options["resources"] == {"gpu_node": 1} and options["num_cpus"] == 0.5

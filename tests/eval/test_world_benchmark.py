@@ -8,7 +8,6 @@ import pyarrow as pa
 from selma.config import load_config
 from selma.eval.questions import score_answers, summarize
 from selma.eval.run import AnswerImages, world_question_rows
-from selma.core.rundir import RunDir
 
 
 def world_batch(scenes, captions_of_images):

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from selma.images.generator import GenerationSettings, ImageGenerator, png_bytes
+from selma.core.config import ImagesConfig
+from selma.images.generator import ImageGenerator, png_bytes
 
 PROMPTS = ["two red apples on a table", "a dog under a blue chair"]
 
@@ -11,11 +12,11 @@ def generator():
     import torch
 
     torch.set_num_threads(1)
-    return ImageGenerator("tiny:sd", GenerationSettings(steps=3, guidance_scale=7.5), device="cpu")
+    return ImageGenerator("tiny:sd", ImagesConfig(steps=3, guidance_scale=7.5), device="cpu")
 
 
 def test_same_seeds_give_identical_pngs_across_generators(generator):
-    other = ImageGenerator("tiny:sd", GenerationSettings(steps=3, guidance_scale=7.5), device="cpu")
+    other = ImageGenerator("tiny:sd", ImagesConfig(steps=3, guidance_scale=7.5), device="cpu")
     first = [png_bytes(i) for i in generator.generate(PROMPTS, [1, 2])]
     again = [png_bytes(i) for i in other.generate(PROMPTS, [1, 2])]
     assert first == again
@@ -35,7 +36,7 @@ def test_a_prompt_the_text_encoder_would_truncate_is_refused(generator):
 
 
 def test_speed_options_do_not_change_the_images(generator):
-    settings = GenerationSettings(steps=3, guidance_scale=7.5, channels_last=True, vae_slicing=True)
+    settings = ImagesConfig(steps=3, guidance_scale=7.5, channels_last=True, vae_slicing=True)
     optimized = ImageGenerator("tiny:sd", settings, device="cpu")
     np.testing.assert_allclose(optimized.generate(PROMPTS, [5, 6]), generator.generate(PROMPTS, [5, 6]), atol=1e-4)
 
@@ -47,7 +48,7 @@ def test_negative_prompt_changes_the_image(generator):
 
 
 def test_sdxl_family_pipelines_generate_too():
-    sdxl = ImageGenerator("tiny:sdxl", GenerationSettings(steps=2, guidance_scale=5.0), device="cpu")
+    sdxl = ImageGenerator("tiny:sdxl", ImagesConfig(steps=2, guidance_scale=5.0), device="cpu")
     images = sdxl.generate(PROMPTS, [1, 2])
     assert [i.shape for i in images] == [(64, 64, 3)] * 2
     assert [png_bytes(i) for i in sdxl.generate(PROMPTS, [1, 2])] == [png_bytes(i) for i in images]

@@ -12,7 +12,6 @@ from selma.config import load_config
 from selma.core.ids import derived_seed, image_id, image_seed
 from selma.images.stage import _image_plan, planned_images
 from selma.pipeline import run_stages
-from selma.core.ids import derived_seed
 from selma.core.rundir import RunDir
 
 SKILLS = "[coco, whoops]"

@@ -139,7 +139,8 @@ def test_same_seed_gives_identical_bytes_and_each_image_has_seed_plus_index(serv
 
 def test_each_model_is_its_lora_and_the_lru_swaps_adapters(server):
     """base, the default adapter and a second one, alternated on one replica that holds one adapter."""
-    from selma.images.generator import GenerationSettings, ImageGenerator
+    from selma.core.config import ImagesConfig
+    from selma.images.generator import ImageGenerator
     from selma.images.generator import load_adapter
 
     prompt = "a wooden boat on a lake"
@@ -150,7 +151,7 @@ def test_each_model_is_its_lora_and_the_lru_swaps_adapters(server):
     [default] = server.images(prompt=prompt, seed=42, size="64x64")
 
     def local(lora_dir):
-        generator = ImageGenerator(server.base_model, GenerationSettings(steps=STEPS), device="cpu")
+        generator = ImageGenerator(server.base_model, ImagesConfig(steps=STEPS), device="cpu")
         if lora_dir:
             load_adapter(generator.pipe, lora_dir, "reference")
         return generator.generate([prompt], [42])[0]

@@ -1,7 +1,6 @@
 """`selma train` on Ray for real: DeepSpeed and DDP with 2 CPU workers on gloo, concurrent and queued
 experts, joint mode, a killed worker, a killed driver, and bad images."""
 
-import io
 import json
 import os
 import shutil
@@ -11,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 

@@ -6,19 +6,26 @@ import numpy as np
 import pytest
 import torch
 
+from selma.core.config import TrainConfig
 from selma.train.data import PrepareTrainingBatch
 from selma.train.step import (
-    LoraSettings,
     LoraTrainStep,
-    OptimizerSettings,
     check_lora_targets,
     diffusion_loss,
     init_single_process_group,
     load_training_components,
     lora_state_dict,
+    peft_lora_config,
 )
 
-LORA = LoraSettings(rank=4, alpha=4)
+
+def _train_config(**fields) -> TrainConfig:
+    """Rank-4 LoRA, one micro-batch of 2 per optimizer step, plain torch in fp32; ``fields`` change it."""
+    return TrainConfig(**{"rank": 4, "alpha": 4, "batch_size": 2, "effective_batch_size": 2, "strategy": "ddp",
+                          "mixed_precision": "no", **fields})
+
+
+LORA = _train_config()
 
 
 def _png(color, pattern: int) -> bytes:
@@ -44,7 +51,7 @@ def _batch(model: str, count: int = 4) -> dict:
 
 def test_lora_goes_on_the_attention_projections_only_and_starts_as_a_no_op():
     torch.manual_seed(0)
-    components = load_training_components("tiny:sd", LoraSettings(rank=4, alpha=4, init_lora_weights="default"))
+    components = load_training_components("tiny:sd", _train_config(init_lora_weights="default"))
     trainable = [name for name, p in components.unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable} >= {"to_q", "to_k", "to_v"}
@@ -56,7 +63,7 @@ def test_lora_goes_on_the_attention_projections_only_and_starts_as_a_no_op():
 
 def test_a_target_module_the_unet_lacks_is_a_named_error():
     with pytest.raises(ValueError, match=r"train.target_modules \['to_nothing'\] do not exist"):
-        load_training_components("tiny:sd", LoraSettings(rank=4, alpha=4, target_modules=("to_q", "to_nothing")))
+        load_training_components("tiny:sd", _train_config(target_modules=["to_q", "to_nothing"]))
 
 
 def test_v_prediction_uses_the_velocity_target():
@@ -96,12 +103,13 @@ def test_overfitting_four_images_for_30_steps_lowers_the_loss_by_30_percent():
     # lowers this loss by ~7% at best: the output convolutions stay random), so this test also
     # targets the convolutions; peft trains them through the same step.
     torch.manual_seed(0)
-    lora = LoraSettings(rank=8, alpha=8, target_modules=("to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv1",
-                                                        "conv2", "conv_shortcut", "proj_in", "proj_out", "conv_out"))
-    components = load_training_components("tiny:sd", lora)
+    train = _train_config(rank=8, alpha=8, learning_rate=1e-3, batch_size=4, effective_batch_size=4,
+                          target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv1", "conv2",
+                                          "conv_shortcut", "proj_in", "proj_out", "conv_out"])
+    components = load_training_components("tiny:sd", train)
     batch = _batch("tiny:sd", 4)
     before = _fixed_loss(components, batch)
-    trainer = LoraTrainStep(components, OptimizerSettings(learning_rate=1e-3, micro_batch_size=4), seed=1)
+    trainer = LoraTrainStep(components, train, seed=1)
     for _ in range(30):
         trainer.train_micro_batch(batch)
     assert trainer.step == 30
@@ -116,7 +124,7 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_effective_batch():
     torch.manual_seed(0)
     components = load_training_components("tiny:sd", LORA)
     batch = _batch("tiny:sd", 2)
-    trainer = LoraTrainStep(components, OptimizerSettings(micro_batch_size=2, gradient_accumulation_steps=3), seed=0)
+    trainer = LoraTrainStep(components, _train_config(effective_batch_size=6), seed=0)
     start = _lora_snapshot(components)
     assert [trainer.train_micro_batch(batch)[1] for _ in range(3)] == [False, False, True]
     assert trainer.step == 1
@@ -126,18 +134,18 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_effective_batch():
     assert all(torch.equal(after[k], v) for k, v in _lora_snapshot(components).items())
 
 
-def _train(settings: OptimizerSettings, steps: int, checkpoint_at: int | None, tmp_path) -> dict:
+def _train(train: TrainConfig, steps: int, checkpoint_at: int | None, tmp_path) -> dict:
     torch.manual_seed(0)
-    components = load_training_components("tiny:sd", LORA)
+    components = load_training_components("tiny:sd", train)
     batch = _batch("tiny:sd", 2)
-    trainer = LoraTrainStep(components, settings, seed=7)
+    trainer = LoraTrainStep(components, train, seed=7)
     while trainer.step < (checkpoint_at or steps):
         trainer.train_micro_batch(batch)
     if checkpoint_at is not None:
         trainer.save_checkpoint(tmp_path, rank=0)
         torch.manual_seed(123)  # a fresh process: different init, restored from the checkpoint
-        components = load_training_components("tiny:sd", LORA)
-        trainer = LoraTrainStep(components, settings, seed=999)
+        components = load_training_components("tiny:sd", train)
+        trainer = LoraTrainStep(components, train, seed=999)
         trainer.load_checkpoint(tmp_path, rank=0)
         assert trainer.step == checkpoint_at
         while trainer.step < steps:
@@ -147,9 +155,9 @@ def _train(settings: OptimizerSettings, steps: int, checkpoint_at: int | None, t
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     """LoRA, AdamW moments, step count and RNG state all come back from the checkpoint."""
-    settings = OptimizerSettings(learning_rate=1e-3, micro_batch_size=2, gradient_accumulation_steps=2)
-    straight = _train(settings, 4, None, tmp_path)
-    resumed = _train(settings, 4, 2, tmp_path)
+    train = _train_config(learning_rate=1e-3, effective_batch_size=4)
+    straight = _train(train, 4, None, tmp_path)
+    resumed = _train(train, 4, 2, tmp_path)
     assert sorted(straight) == sorted(resumed)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
@@ -159,11 +167,11 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
 def test_deepspeed_in_a_plain_process_trains_and_resumes(tmp_path, zero_stage):
     """ZeRO-3 partitions the LoRA weights too: lora_state_dict must gather them whole."""
     init_single_process_group("cpu")
-    settings = OptimizerSettings(learning_rate=1e-3, micro_batch_size=2, strategy="deepspeed", zero_stage=zero_stage)
-    straight = _train(settings, 3, None, tmp_path / "a")
-    resumed = _train(settings, 3, 1, tmp_path / "b")
+    train = _train_config(learning_rate=1e-3, strategy="deepspeed", zero_stage=zero_stage)
+    straight = _train(train, 3, None, tmp_path / "a")
+    resumed = _train(train, 3, 1, tmp_path / "b")
     assert (tmp_path / "b" / "deepspeed").is_dir() and (tmp_path / "b" / "step.json").exists()
-    reference = _train(OptimizerSettings(learning_rate=1e-3, micro_batch_size=2), 3, None, tmp_path / "c")
+    reference = _train(_train_config(learning_rate=1e-3), 3, None, tmp_path / "c")
     assert sorted(straight) == sorted(reference)
     for key in straight:
         assert straight[key].shape == reference[key].shape
@@ -172,13 +180,13 @@ def test_deepspeed_in_a_plain_process_trains_and_resumes(tmp_path, zero_stage):
 
 
 def test_preflight_names_a_missing_module_a_conv_target_and_a_rank_wider_than_a_layer():
-    check_lora_targets("tiny:sd", LoraSettings(rank=4, alpha=4))
+    check_lora_targets("tiny:sd", _train_config())
     with pytest.raises(ValueError, match=r"train.target_modules \['to_nothing'\] do not exist"):
-        check_lora_targets("tiny:sd", LoraSettings(rank=4, alpha=4, target_modules=("to_q", "to_nothing")))
+        check_lora_targets("tiny:sd", _train_config(target_modules=["to_q", "to_nothing"]))
     with pytest.raises(ValueError, match=r"conv_out \(Conv2d\)'\] are not Linear layers"):
-        check_lora_targets("tiny:sd", LoraSettings(rank=4, alpha=4, target_modules=("to_q", "conv_out")))
+        check_lora_targets("tiny:sd", _train_config(target_modules=["to_q", "conv_out"]))
     with pytest.raises(ValueError, match=r"train.rank=128 exceeds the narrowest targeted layer .* \(32 features\)"):
-        check_lora_targets("tiny:sd", LoraSettings(rank=128, alpha=128))
+        check_lora_targets("tiny:sd", _train_config(rank=128, alpha=128))
 
 
 def _lora_layers(unet, adapter: str = "default") -> dict:
@@ -202,21 +210,21 @@ def test_rank_alpha_and_target_modules_go_from_the_config_to_the_trained_and_sav
 
     config = load_config("tiny", ["train.rank=4", "train.alpha=12", "train.target_modules=[to_k, to_out.0]"])
     targets = {"to_k", "to_out.0"}
-    assert LoraSettings.from_config(config.train) == LoraSettings(4, 12, "gaussian", ("to_k", "to_out.0"))
     job = ExpertJob.from_config(config, "coco", RunDir(str(tmp_path / "run")), resolution=64)
-    peft_config = job.lora.peft_config()
+    assert job.train == config.train and job.skills == ("coco",)
+    peft_config = peft_lora_config(job.train)
     assert (peft_config.r, peft_config.lora_alpha, set(peft_config.target_modules)) == (4, 12, targets)
 
     def suffix(name: str) -> str:
         return "to_out.0" if name.endswith(".to_out.0") else name.rsplit(".", 1)[-1]
 
     torch.manual_seed(0)
-    components = load_training_components(job.model, job.lora, mixed_precision=job.mixed_precision)
+    components = load_training_components(job.model, job.train)
     layers = _lora_layers(components.unet)
     assert {suffix(name) for name in layers} == targets
     assert set(layers.values()) == {(4, 12, 3.0)}  # scaling = alpha / rank
-    trainer = LoraTrainStep(components, job.optimizer, seed=0)
-    loss, stepped = trainer.train_micro_batch(_batch(job.model, job.batch_size))
+    trainer = LoraTrainStep(components, job.train, seed=0)
+    loss, stepped = trainer.train_micro_batch(_batch(job.model, job.train.batch_size))
     assert stepped
     _write_expert(job, trainer.lora_state_dict(), [{"step": 1, "loss": loss}])
 

@@ -46,7 +46,8 @@ def _weights(folder, component):
 
 
 def test_train_base_model_is_deterministic_and_loads_through_the_ordinary_pipeline(tmp_path):
-    from selma.images.generator import GenerationSettings, ImageGenerator
+    from selma.core.config import ImagesConfig
+    from selma.images.generator import ImageGenerator
 
     first = train_base_model(tmp_path / "a", BaseModelConfig(**TINY_TRAINING), progress=lambda _: None)
     second = train_base_model(tmp_path / "b", BaseModelConfig(**TINY_TRAINING), progress=lambda _: None)
@@ -57,7 +58,7 @@ def test_train_base_model_is_deterministic_and_loads_through_the_ordinary_pipeli
     record = json.loads((first / "world_base.json").read_text())
     assert [entry["step"] for entry in record["log"] if entry["phase"] == "denoiser"] == [1, 2, 3]
     assert record["config"]["steps"] == 3
-    generator = ImageGenerator(str(first), GenerationSettings(steps=2, guidance_scale=3.0))
+    generator = ImageGenerator(str(first), ImagesConfig(steps=2, guidance_scale=3.0))
     image = generator.generate(["three red circles"], [0])[0]
     assert image.shape == (64, 64, 3)
 
@@ -84,9 +85,10 @@ def test_world_base_resolves_to_the_shipped_fp16_pipeline():
 
 @pytest.fixture(scope="module")
 def world_generator(one_torch_thread):
-    from selma.images.generator import GenerationSettings, ImageGenerator
+    from selma.core.config import ImagesConfig
+    from selma.images.generator import ImageGenerator
 
-    return ImageGenerator("world:base", GenerationSettings(steps=20, guidance_scale=4.0))
+    return ImageGenerator("world:base", ImagesConfig(steps=20, guidance_scale=4.0))
 
 
 def test_the_shipped_model_draws_held_out_captions_far_above_chance(world_generator):
