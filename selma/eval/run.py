@@ -24,13 +24,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import ray
 
+from selma.core.config import VQAConfig, legacy_section
 from selma.core.errors import ConfigError
-from selma.eval.questions import (QUESTION_SCHEMA, is_yes_no, prompts_of, question_table, sample_items, score_answers,
-                                  summarize)
-from selma.core.rundir import RunDir, new_part_name
+from selma.core.ids import image_seed
+from selma.core.rundir import RunDir, local_folder, new_part_name
 from selma.core.stage import StageBase, StageContext
+from selma.eval.dsg import generate_dsg_questions, load_dsg1k
+from selma.eval.questions import (
+    QUESTION_SCHEMA,
+    is_yes_no,
+    prompts_of,
+    question_table,
+    sample_items,
+    score_answers,
+    summarize,
+)
 from selma.eval.report import write_report
+from selma.eval.rewards import load_reward_scorer
+from selma.eval.tifa import AnswerMapper, load_tifa_prompts, load_tifa_questions
+from selma.eval.vqa import load_vqa_backend
+from selma.images.export import png_bytes_of
+from selma.images.generator import GENERATOR_FIELDS
+from selma.images.stage import batched_blocks, draw_images, write_images
+from selma.models.tiny import is_tiny_spec
+from selma.raylib import init_ray
+from selma.world import WorldAccuracyScorer, caption_of, question_rows, sample_scenes
+
+# torch, PIL and the scorers' libraries are imported where used, in the VQA actors.
 
 BENCHMARK_TITLES = {"dsg": "DSG-1K", "tifa": "TIFA v1.0", "prompts": "your prompts (DSG questions)",
                     "world": "shapes world (held-out captions)"}
@@ -86,8 +108,6 @@ def _run_lora(run: RunDir, relative: str, spec: str) -> str:
 
 
 def _exists(path: str | None) -> bool:
-    from selma.models.tiny import is_tiny_spec
-
     return bool(path) and (is_tiny_spec(path) or Path(path).exists())
 
 
@@ -159,9 +179,6 @@ def load_prompt_file(path: str) -> list[dict]:
 
 def load_benchmark(name: str, config, run: RunDir, progress=print) -> pa.Table:
     """The (sampled) question table of a benchmark; questions an LLM writes are kept in the run."""
-    from selma.eval.dsg import load_dsg1k
-    from selma.eval.tifa import load_tifa_prompts, load_tifa_questions
-
     cfg = config.eval
     if name == "dsg":
         return sample_items(load_dsg1k(cfg.dsg_annotations), cfg.limit, cfg.sample_seed)
@@ -176,8 +193,6 @@ def load_benchmark(name: str, config, run: RunDir, progress=print) -> pa.Table:
 
 def world_question_rows(kinds: list[str], per_kind: int, seed: int) -> list[dict]:
     """Questions for held-out shapes-world captions: the test split, which training prompts never come from."""
-    from selma.world import caption_of, question_rows, sample_scenes
-
     prompts = [{"item_id": f"{kind}_{index}", "prompt": caption_of(scene), "source": kind}
                for kind in kinds for index, scene in enumerate(sample_scenes(kind, per_kind, seed, split="test"))]
     return question_rows(prompts)
@@ -187,8 +202,6 @@ def written_questions(name: str, prompts: list[dict], config, run: RunDir, progr
     """DSG questions for ``prompts``: those written before, plus new ones from eval.questions' LLM."""
     import pyarrow.compute as pc
 
-    from selma.eval.dsg import generate_dsg_questions
-    from selma.raylib import init_ray
 
     written = run.read_table("eval", "questions", name)
     have = set() if written is None else set(written.column("item_id").to_pylist())
@@ -234,9 +247,6 @@ def generation_settings(config):
 
 
 def images_key(config, model: EvalModel, benchmark: str) -> str:
-    from selma.core.rundir import local_folder
-    from selma.images.generator import GENERATOR_FIELDS
-
     lora = _file_digest(str(Path(local_folder(model.lora)) / "pytorch_lora_weights.safetensors")) if model.lora else None
     drawn_with = generation_settings(config).model_dump(include=GENERATOR_FIELDS)
     return _key(config.model, lora, drawn_with, config.eval.seed, benchmark)
@@ -244,8 +254,6 @@ def images_key(config, model: EvalModel, benchmark: str) -> str:
 
 def planned_eval_images(questions: pa.Table, benchmark: str, images_per_prompt: int, seed: int) -> pa.Table:
     """One row per image: ids and seeds from the benchmark, item and index, the same for every model."""
-    from selma.core.ids import image_seed
-
     rows = []
     for item in prompts_of(questions):
         for index in range(images_per_prompt):
@@ -264,7 +272,6 @@ def draw_eval_images(config, run: RunDir, model: EvalModel, benchmark: str, ques
     raising when more than images.max_error_rate failed."""
     import pyarrow.compute as pc
 
-    from selma.images.stage import batched_blocks, draw_images, write_images
 
     images_dir, errors_dir = f"eval/{model.name}/images", f"errors/eval/{model.name}/{benchmark}"
     stamp = f"eval/{model.name}/images/{benchmark}.json"
@@ -279,7 +286,6 @@ def draw_eval_images(config, run: RunDir, model: EvalModel, benchmark: str, ques
     done = set() if written is None else set(written.column("image_id").to_pylist())
     todo = plan.filter(pc.invert(pc.is_in(plan.column("image_id"), pa.array(sorted(done), pa.string()))))
     if todo.num_rows:
-        import ray
 
         cfg = config.eval
         progress(f"[eval] {model.name}/{benchmark}: drawing {todo.num_rows} images ({len(done)} already drawn)")
@@ -312,8 +318,6 @@ class AnswerImages:
                  benchmark: str | None = None):
         import torch
 
-        from selma.eval.tifa import AnswerMapper
-        from selma.eval.vqa import load_vqa_backend
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -324,11 +328,9 @@ class AnswerImages:
                                         engine_kwargs=vqa.engine_kwargs)
         self.scorers = {}
         if eval_config.rewards:
-            from selma.eval.rewards import load_reward_scorer
 
             self.scorers = {name: load_reward_scorer(name, weights) for name, weights in eval_config.rewards.items()}
         if benchmark == "world":  # the primary metric: the image is exactly its caption
-            from selma.world import WorldAccuracyScorer
 
             self.scorers["prompt_accuracy"] = WorldAccuracyScorer()
         self.mapper = AnswerMapper(eval_config.answer_encoder)
@@ -337,7 +339,6 @@ class AnswerImages:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
 
-        from selma.images.export import png_bytes_of
 
         rows = batch.to_pylist()
         images = [Image.open(io.BytesIO(png_bytes_of(r["image"]))).convert("RGB") for r in rows]
@@ -387,8 +388,6 @@ class AnswerImages:
 def answers_key(config, images: str, questions: pa.Table, *, legacy: bool = False) -> str:
     """What the answers depend on; not the VQA actors' resources. ``legacy``: the key as written
     before ``resources`` replaced ``eval.vqa``'s compute keys, which it included."""
-    from selma.core.config import VQAConfig, legacy_section
-
     cfg = config.eval
     text = json.dumps(questions.select(["item_id", "question_id", "question", "choices", "answer", "parents"]).to_pylist(),
                       sort_keys=True)
@@ -405,8 +404,6 @@ def _read_image_files(batch: pa.Table, run_uri: str) -> pa.Table:
 def answer_questions(config, run: RunDir, model: EvalModel, benchmark: str, questions: pa.Table,
                      images: pa.Table, progress=print) -> tuple[list[dict], list[dict]]:
     """Per-question rows (with ``correct`` and ``score``) and per-image rows (with rewards)."""
-    import ray
-
     cfg = config.eval
     by_item: dict[str, list[dict]] = {}
     for row in questions.to_pylist():

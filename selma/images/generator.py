@@ -14,6 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from selma.core.models import resolve_model
+
+# torch and diffusers are imported where used: every stage module is imported by the pipeline, and
+# the vLLM venv that runs the prompt stage has neither diffusers nor peft.
+
 if TYPE_CHECKING:
     from selma.core.config import ImagesConfig
 
@@ -48,7 +53,6 @@ def load_pipeline(model: str, *, dtype: str = "auto", device: str | None = None)
     """Load a text-to-image pipeline from a path, hub id or ``tiny:`` spec, safety checker off."""
     from diffusers import DiffusionPipeline
 
-    from selma.core.models import resolve_model
 
     device = device or default_device()
     path = resolve_model(model)
@@ -163,7 +167,6 @@ def native_resolution(model: str) -> int:
     """The pipeline's default image size, read from its configs without loading weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from selma.core.models import resolve_model
 
     path = resolve_model(model)
     unet = UNet2DConditionModel.load_config(path, subfolder="unet")

@@ -13,13 +13,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
-from selma.images.export import HF_FEATURES, dataset_card, with_hf_features
-from selma.images.generator import png_bytes
 from selma.core.ids import image_id, image_seed
 from selma.core.progress import Progress
-from selma.core.rundir import RunDir, new_part_name
+from selma.core.rundir import RunDir, local_folder, new_part_name
 from selma.core.stage import StageBase, StageContext
+from selma.images.export import HF_FEATURES, dataset_card, with_hf_features
+from selma.images.generator import ImageGenerator, png_bytes
+
+# torch is imported where used, in the generator actors (the vLLM venv imports this module too).
 
 if TYPE_CHECKING:
     from selma.core.config import ImagesConfig, Resources
@@ -51,11 +54,9 @@ class GenerateImages:
                  lora: str | None = None):
         import torch
 
-        from selma.images.generator import ImageGenerator
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        from selma.core.rundir import local_folder
 
         self.generator = ImageGenerator(model, settings, lora=local_folder(lora) if lora else None)
         self.model = model
@@ -183,8 +184,6 @@ def _image_plan(config, run: RunDir) -> tuple[pa.Table, set[str], pa.Table]:
 
 def _planned_dataset(config, todo: pa.Table, prompt_stream):
     """Planned image rows: those of written prompts, then those of the prompts still streaming in."""
-    import ray
-
     written = ray.data.from_arrow(batched_blocks(todo, config.images.batch_size)) if todo.num_rows else None
     if prompt_stream is None:
         return written
@@ -223,8 +222,6 @@ def image_dataset(rows: pa.Table, model: str, settings: ImagesConfig, *, batch_s
                   resources: Resources, min_actors: int = 1):
     """The Ray Data pipeline that draws ``rows`` on a pool of ``min_actors`` to ``resources.workers``
     generator actors."""
-    import ray
-
     return draw_images(ray.data.from_arrow(batched_blocks(rows, batch_size)), model, settings, batch_size=batch_size,
                        resources=resources, min_actors=min_actors)
 
@@ -234,8 +231,6 @@ def draw_images(planned, model: str, settings: ImagesConfig, *, batch_size: int,
     """``planned`` (a dataset of planned image rows) drawn on a pool of ``min_actors`` to
     ``resources.workers`` generator actors, with the LoRA in folder ``lora`` fused into the model
     when given."""
-    import ray
-
     return planned.map_batches(
         GenerateImages,
         fn_constructor_args=(model, settings, resources.cpu_threads, lora),

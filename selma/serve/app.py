@@ -27,7 +27,7 @@ different batch composition can change pixels by float rounding.
     serve_run(build_app(config.serve, base_model="tiny:sd", adapters={"merged": "runs/x/merged"},
                         default_model="merged", default_steps=50), "127.0.0.1", 8000)
 
-For ``serve run`` / ``serve deploy``: ``selma.serve.app:app_builder`` with ``run_dir`` (and optional
+For ``serve run`` / ``serve deploy``: ``selma.serve.run:app_builder`` with ``run_dir`` (and optional
 config overrides) as arguments; ``cluster/serve.yaml`` is a Serve config that uses it.
 
 Authentication fails closed (:func:`resolve_api_key`): an app whose ``serve.api_key_env`` names an
@@ -54,6 +54,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from selma.core.config import ImagesConfig
+from selma.core.errors import ConfigError
+from selma.core.rundir import local_folder
+from selma.images.generator import ImageGenerator, default_device, load_adapter, png_bytes
+
+# torch and Ray's metrics/exceptions are imported where used, in the replica and the ingress.
 
 APP_NAME = "selma"
 BASE_MODEL_NAME = "base"
@@ -243,8 +250,6 @@ class ImageModel:
 
         import torch
 
-        from selma.core.config import ImagesConfig
-        from selma.images.generator import ImageGenerator, default_device
 
         device = default_device()
         if device == "cpu":
@@ -288,9 +293,6 @@ class ImageModel:
 
     def _ensure_loaded(self, name: str) -> None:
         """Under pipe_lock."""
-        from selma.images.generator import load_adapter
-        from selma.core.rundir import local_folder
-
         if name not in self.loaded:
             load_adapter(self.generator.pipe, local_folder(self.adapters[name]), name)
             self.loaded.add(name)
@@ -344,8 +346,6 @@ class ImageModel:
         """Jobs sharing a ``call_key`` in one pipeline call. If the call fails, each job is drawn
         alone, so one bad request (a prompt the pipeline refuses, an image that is not finite)
         fails by itself and the others get their images."""
-        from selma.images.generator import png_bytes
-
         first = group[0]
         self.pipeline_calls += 1
         try:
@@ -370,7 +370,6 @@ class ImageModel:
 
 def image_model_deployment(max_loaded_adapters: int):
     """The ``ImageModel`` deployment keeping ``max_loaded_adapters`` LoRA adapters per replica (LRU)."""
-
     class MultiplexedImageModel(ImageModel):
         @serve.multiplexed(max_num_models_per_replica=max_loaded_adapters)
         async def get_adapter(self, model: str) -> LoadedAdapter:
@@ -522,8 +521,6 @@ def resolve_api_key(serve_config, host: str | None) -> str | None:
     * no key is configured and ``host`` — where Serve's HTTP proxy listens, ``None`` if that is not
       known here — is not a loopback address, unless ``serve.allow_unauthenticated``.
     """
-    from selma.core.errors import ConfigError
-
     name = serve_config.api_key_env
     if name:
         value = os.environ.get(name)
@@ -610,28 +607,6 @@ def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None 
         max_ongoing_requests=2 * model_capacity,
         max_queued_requests=2 * model_capacity,
     ).bind(model, limits=limits, api_key=api_key)
-
-
-def app_builder(args: dict) -> serve.Application:
-    """``serve run selma.serve.app:app_builder run_dir=RUN [serve.model=expert-coco ...]``.
-
-    ``run_dir`` names a finished run; every other argument is a config override (``key.sub=value``)
-    on top of the run's own config.
-
-    ``serve.host`` does not apply here: Serve's HTTP proxy listens where the Serve config's (or
-    ``serve run``'s) ``http_options`` say. Under ``serve deploy`` (and a RayService) the app is built
-    in a task on the cluster, where the running proxy's host is asked for; where it is not known
-    (``serve run IMPORT_PATH`` builds before Serve starts) an API key is required unless
-    ``serve.allow_unauthenticated`` is true.
-    """
-    from selma.serve.run import build_run_app, load_run_config
-
-    args = dict(args)
-    run_dir = args.pop("run_dir", None)
-    if not run_dir:
-        raise ValueError("app_builder needs run_dir=<a finished selma run directory>")
-    config, run = load_run_config(run_dir, values=args)
-    return build_run_app(config, run, host=proxy_host())
 
 
 def proxy_host() -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 
+from ray import serve
+
 from selma.config import build_config
 from selma.core.config import apply_override, parse_override, upgrade_recorded_config
 from selma.core.errors import ConfigError
@@ -80,3 +82,23 @@ def _stop_on_signals() -> None:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """``serve run selma.serve.run:app_builder run_dir=RUN [serve.model=expert-coco ...]``.
+
+    ``run_dir`` names a finished run; every other argument is a config override (``key.sub=value``)
+    on top of the run's own config.
+
+    ``serve.host`` does not apply here: Serve's HTTP proxy listens where the Serve config's (or
+    ``serve run``'s) ``http_options`` say. Under ``serve deploy`` (and a RayService) the app is built
+    in a task on the cluster, where the running proxy's host is asked for; where it is not known
+    (``serve run IMPORT_PATH`` builds before Serve starts) an API key is required unless
+    ``serve.allow_unauthenticated`` is true.
+    """
+    args = dict(args)
+    run_dir = args.pop("run_dir", None)
+    if not run_dir:
+        raise ValueError("app_builder needs run_dir=<a finished selma run directory>")
+    config, run = load_run_config(run_dir, values=args)
+    return build_run_app(config, run, host=proxy_host())

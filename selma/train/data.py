@@ -12,6 +12,10 @@ import io
 
 import numpy as np
 
+from selma.core.models import resolve_model
+from selma.core.rundir import RunDir
+
+# transformers and PIL are imported where used, in the Ray Data tasks that decode and tokenise.
 
 TARGET_BLOCK_BYTES = 32 << 20
 
@@ -39,7 +43,6 @@ def read_and_prepare(items: dict[str, np.ndarray], *, run_uri: str, model: str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from selma.core.rundir import RunDir
 
     filesystem = RunDir(run_uri).fs
     prepare = _preparer(model, resolution, random_crop, random_flip)
@@ -84,7 +87,6 @@ class PrepareTrainingBatch:
     def __init__(self, model: str, resolution: int, random_crop: bool = True, random_flip: bool = True):
         from transformers import AutoTokenizer
 
-        from selma.core.models import resolve_model
 
         path = resolve_model(model)
         self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]

@@ -17,10 +17,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from selma.core.config import JOINT_EXPERT
+from selma.core.errors import ConfigError
+from selma.core.ids import derived_seed
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir
 from selma.core.stage import StageBase, StageContext
+from selma.images.generator import native_resolution
+from selma.images.stage import count_per_skill
+from selma.merge.lora_io import save_peft_state_dict
 from selma.raylib import quiet_ray_data
+from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
+from selma.train.step import LoraTrainStep, check_lora_targets, load_training_components, peft_lora_config
+
+# Ray Train, torch and the train step's libraries are imported where used: the pipeline imports
+# every stage module, and the vLLM venv that runs the prompt stage has no diffusers or peft.
 
 if TYPE_CHECKING:
     from selma.core.config import TrainConfig
@@ -44,8 +55,6 @@ class ExpertJob:
 
     @classmethod
     def from_config(cls, config, expert: str, run: RunDir, resolution: int):
-        from selma.core.config import JOINT_EXPERT
-
         joint = expert == JOINT_EXPERT and config.train.mode == "joint"
         skills = tuple(config.skills.names) if joint else (expert,)
         return cls(name=expert, skills=skills, model=config.model, run_uri=run.uri, resolution=resolution,
@@ -58,8 +67,6 @@ def train_expert_loop(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from selma.core.ids import derived_seed
-    from selma.train.step import LoraTrainStep, load_training_components
 
     job: ExpertJob = loop_config["job"]
     t = job.train
@@ -128,9 +135,6 @@ def _report_checkpoint(trainer, rank: int, metrics: list[dict]) -> None:
 
 
 def _write_expert(job: ExpertJob, lora_state: dict, metrics: list[dict]) -> None:
-    from selma.merge.lora_io import save_peft_state_dict
-    from selma.train.step import peft_lora_config
-
     with tempfile.TemporaryDirectory(prefix="selma-expert-") as directory:
         directory = Path(directory)
         save_peft_state_dict(lora_state, peft_lora_config(job.train), directory, base_model=job.model,
@@ -214,8 +218,6 @@ def fit_expert(job: ExpertJob) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from selma.core.ids import derived_seed
-    from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
 
     quiet_ray_data()
     t = job.train
@@ -289,9 +291,6 @@ def experts_at_once(config) -> int:
 
 def preflight_train(config) -> None:
     """Checks of the train settings against the model, before any stage of the run starts."""
-    from selma.core.errors import ConfigError
-    from selma.train.step import check_lora_targets
-
     try:
         check_lora_targets(config.model, config.train)
     except ValueError as err:
@@ -320,7 +319,6 @@ def run_train_stage(config, run: RunDir, progress=None) -> dict:
 
     progress = Progress.of(progress)
 
-    from selma.images.generator import native_resolution
 
     t = config.train  # preflight_train already ran (pipeline.run_stages, before any stage)
     at_once = experts_at_once(config)
@@ -386,6 +384,4 @@ def run_train_stage(config, run: RunDir, progress=None) -> dict:
 
 
 def _image_counts(run: RunDir) -> dict[str, int]:
-    from selma.images.stage import count_per_skill
-
     return count_per_skill(run.read_table("images", columns=["skill"]))

@@ -18,6 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from selma.core.models import resolve_model
+from selma.images.generator import load_pipeline
+
+# torch, diffusers, peft and deepspeed are imported where used: the pipeline imports every stage
+# module, the vLLM venv that runs the prompt stage has no diffusers or peft, and deepspeed is optional.
+
 if TYPE_CHECKING:
     from selma.core.config import TrainConfig
 
@@ -56,7 +62,6 @@ def load_training_components(model: str, train: TrainConfig, *, device: str = "c
     import torch
     from diffusers import DDPMScheduler
 
-    from selma.images.generator import load_pipeline
 
     dtype = weight_dtype_for(train.mixed_precision)
     pipe = load_pipeline(model, dtype="float32", device="cpu")
@@ -108,7 +113,6 @@ def check_lora_targets(model: str, train: TrainConfig) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from selma.core.models import resolve_model
 
     config = UNet2DConditionModel.load_config(resolve_model(model), subfolder="unet")
     with torch.device("meta"):

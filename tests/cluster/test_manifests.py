@@ -336,7 +336,7 @@ def test_rayservice_serves_the_pipelines_run(target):
     apps = serve_config(docs)["applications"]
     assert [a["name"] for a in apps] == ["selma"]
     app = apps[0]
-    assert app["import_path"] == "selma.serve.app:app_builder"
+    assert app["import_path"] == "selma.serve.run:app_builder"
     check_importable(app["import_path"])
 
     job, _ = job_config(docs)

@@ -1,4 +1,4 @@
-"""`serve run selma.serve.app:app_builder run_dir=...` and the shipped Serve config, without starting Serve."""
+"""`serve run selma.serve.run:app_builder run_dir=...` and the shipped Serve config, without starting Serve."""
 
 from pathlib import Path
 
@@ -41,7 +41,7 @@ def test_the_run_serves_base_merged_and_every_expert(finished_run):
 def test_app_builder_takes_the_run_and_typed_overrides(finished_run):
     from ray.serve import Application
 
-    from selma.serve.app import app_builder
+    from selma.serve.run import app_builder
     from selma.serve.run import load_run_config
 
     app = app_builder({"run_dir": str(finished_run), "serve.model": "expert-coco", "serve.allow_unauthenticated": True,
@@ -54,7 +54,7 @@ def test_app_builder_takes_the_run_and_typed_overrides(finished_run):
 
 def test_app_builder_names_what_is_wrong(finished_run):
     from selma.core.errors import ConfigError
-    from selma.serve.app import app_builder
+    from selma.serve.run import app_builder
 
     with pytest.raises(ValueError, match="needs run_dir"):
         app_builder({})
@@ -72,7 +72,8 @@ def test_app_builder_fails_closed_without_a_key(finished_run, monkeypatch):
     from ray.serve import Application
 
     from selma.core.errors import ConfigError
-    from selma.serve.app import app_builder, proxy_host
+    from selma.serve.app import proxy_host
+    from selma.serve.run import app_builder
 
     if proxy_host() is not None:
         pytest.skip("a Serve instance runs in this session's Ray")
@@ -101,7 +102,7 @@ def test_the_shipped_serve_config_is_a_valid_serve_deploy_file():
 
     schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
     [application] = schema.applications
-    assert application.import_path == "selma.serve.app:app_builder"
+    assert application.import_path == "selma.serve.run:app_builder"
     assert "run_dir" in application.args
     data = load_config("tiny").model_dump(mode="json")
     for key, value in application.args.items():  # every other arg is a selma override

@@ -272,7 +272,8 @@ def test_app_builder_in_the_cluster_checks_where_the_running_proxy_listens(serve
 
     @ray.remote(num_cpus=0)
     def build(args):
-        from selma.serve.app import app_builder, proxy_host
+        from selma.serve.app import proxy_host
+        from selma.serve.run import app_builder
 
         app_builder(args)
         return proxy_host()
