@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from selma.core.config import VQAConfig, legacy_section
@@ -47,7 +48,7 @@ from selma.eval.tifa import AnswerMapper, load_tifa_prompts, load_tifa_questions
 from selma.eval.vqa import load_vqa_backend
 from selma.images.export import png_bytes_of
 from selma.images.generator import GENERATOR_FIELDS
-from selma.images.stage import batched_blocks, draw_images, write_images
+from selma.images.stage import batched_blocks, check_error_rate, draw_images, image_ids, not_yet_drawn, write_images
 from selma.models.tiny import is_tiny_spec
 from selma.raylib import init_ray
 from selma.world import WorldAccuracyScorer, caption_of, question_rows, sample_scenes
@@ -200,9 +201,6 @@ def world_question_rows(kinds: list[str], per_kind: int, seed: int) -> list[dict
 
 def written_questions(name: str, prompts: list[dict], config, run: RunDir, progress=print) -> pa.Table:
     """DSG questions for ``prompts``: those written before, plus new ones from eval.questions' LLM."""
-    import pyarrow.compute as pc
-
-
     written = run.read_table("eval", "questions", name)
     have = set() if written is None else set(written.column("item_id").to_pylist())
     missing = [p for p in prompts if p["item_id"] not in have]
@@ -270,9 +268,6 @@ def draw_eval_images(config, run: RunDir, model: EvalModel, benchmark: str, ques
     """Draw the images still missing for (model, benchmark), whose model and settings ``key``
     (:func:`images_key`) names; returns (image_id, prompt_id, prompt) of every image written,
     raising when more than images.max_error_rate failed."""
-    import pyarrow.compute as pc
-
-
     images_dir, errors_dir = f"eval/{model.name}/images", f"errors/eval/{model.name}/{benchmark}"
     stamp = f"eval/{model.name}/images/{benchmark}.json"
     if run.exists(*stamp.split("/")) and run.read_json(stamp).get("key") != key:
@@ -282,11 +277,9 @@ def draw_eval_images(config, run: RunDir, model: EvalModel, benchmark: str, ques
                 run.fs.delete_dir(run.path(location))
     run.write_json(stamp, {"key": key})
     plan = planned_eval_images(questions, benchmark, config.eval.images_per_prompt, config.eval.seed)
-    written = run.read_table("eval", model.name, "images", benchmark, columns=["image_id"])
-    done = set() if written is None else set(written.column("image_id").to_pylist())
-    todo = plan.filter(pc.invert(pc.is_in(plan.column("image_id"), pa.array(sorted(done), pa.string()))))
+    done = image_ids(run, f"{images_dir}/{benchmark}")
+    todo = not_yet_drawn(plan, done)
     if todo.num_rows:
-
         cfg = config.eval
         progress(f"[eval] {model.name}/{benchmark}: drawing {todo.num_rows} images ({len(done)} already drawn)")
         started = time.time()
@@ -296,13 +289,10 @@ def draw_eval_images(config, run: RunDir, model: EvalModel, benchmark: str, ques
         write_images(dataset, run, images_dir, errors_dir)
         progress(f"[eval] {model.name}/{benchmark}: drew {todo.num_rows} images in {time.time() - started:.1f}s")
     written = run.read_table("eval", model.name, "images", benchmark, columns=["image_id", "prompt_id", "prompt"])
-    failed = run.read_table(*errors_dir.split("/"), columns=["image_id"])
-    failed_ids = set() if failed is None else set(failed.column("image_id").to_pylist())
     written_ids = set() if written is None else set(written.column("image_id").to_pylist())
-    failed_ids -= written_ids
-    if plan.num_rows and len(failed_ids) / plan.num_rows > config.images.max_error_rate:
-        raise RuntimeError(f"{len(failed_ids)} of {plan.num_rows} images failed for {model.name}/{benchmark}; "
-                           f"reasons in {run.uri_of(*errors_dir.split('/'))}")
+    failed_ids = image_ids(run, errors_dir) - written_ids
+    check_error_rate(plan.num_rows, len(failed_ids), config.images.max_error_rate, run.uri_of(*errors_dir.split("/")),
+                     what=f"images of {model.name}/{benchmark}")
     planned_ids = pa.array(plan.column("image_id").to_pylist(), pa.string())
     return written.filter(pc.is_in(written.column("image_id"), planned_ids))
 
@@ -317,7 +307,6 @@ class AnswerImages:
     def __init__(self, eval_config, questions_by_item: dict[str, list[dict]], num_threads: int | None = None,
                  benchmark: str | None = None):
         import torch
-
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -338,7 +327,6 @@ class AnswerImages:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from PIL import Image
-
 
         rows = batch.to_pylist()
         images = [Image.open(io.BytesIO(png_bytes_of(r["image"]))).convert("RGB") for r in rows]

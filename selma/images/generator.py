@@ -53,7 +53,6 @@ def load_pipeline(model: str, *, dtype: str = "auto", device: str | None = None)
     """Load a text-to-image pipeline from a path, hub id or ``tiny:`` spec, safety checker off."""
     from diffusers import DiffusionPipeline
 
-
     device = device or default_device()
     path = resolve_model(model)
     extra = {"safety_checker": None, "requires_safety_checker": False} if _has_component(path, "safety_checker") else {}
@@ -166,7 +165,6 @@ class ImageGenerator:
 def native_resolution(model: str) -> int:
     """The pipeline's default image size, read from its configs without loading weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-
 
     path = resolve_model(model)
     unet = UNet2DConditionModel.load_config(path, subfolder="unet")

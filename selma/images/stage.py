@@ -42,9 +42,26 @@ def planned_images(prompts: pa.Table, images_per_prompt: int, base_seed: int) ->
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def written_image_ids(run: RunDir) -> set[str]:
-    table = run.read_table("images", columns=["image_id"])
+def image_ids(run: RunDir, folder: str = "images") -> set[str]:
+    """The ids of the image rows (or error rows) under ``folder`` of ``run``."""
+    table = run.read_table(*folder.split("/"), columns=["image_id"])
     return set() if table is None else set(table.column("image_id").to_pylist())
+
+
+def written_image_ids(run: RunDir) -> set[str]:
+    return image_ids(run, "images")
+
+
+def not_yet_drawn(plan: pa.Table, done: set[str]) -> pa.Table:
+    """The rows of ``plan`` whose image is not among ``done``: what a rerun still draws."""
+    return plan.filter(pc.invert(pc.is_in(plan.column("image_id"), pa.array(sorted(done), pa.string()))))
+
+
+def check_error_rate(planned: int, failed: int, max_error_rate: float, errors_uri: str, what: str = "images") -> None:
+    """Fail the stage when more than ``images.max_error_rate`` of the planned images failed."""
+    if planned and failed / planned > max_error_rate:
+        raise RuntimeError(f"{failed} of {planned} {what} failed (more than images.max_error_rate="
+                           f"{max_error_rate}); reasons are in {errors_uri}")
 
 
 class GenerateImages:
@@ -53,7 +70,6 @@ class GenerateImages:
     def __init__(self, model: str, settings: ImagesConfig, num_threads: int | None = None,
                  lora: str | None = None):
         import torch
-
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -152,18 +168,14 @@ def run_image_stage(config, run: RunDir, progress=None, prompt_stream=None) -> d
     plan, _, _ = _image_plan(config, run)
     written_table = run.read_table("images", columns=["image_id", "skill"])
     written = set() if written_table is None else set(written_table.column("image_id").to_pylist())
-    failed_ids = _failed_image_ids(run) - written
+    failed_ids = image_ids(run, "errors/images") - written
     drawn = len(written) - len(done)
     rate = drawn / max(seconds, 1e-9)
     progress(f"[images] drew {drawn} images in {seconds:.1f}s ({rate:.2f} images/s); {len(failed_ids)} failed")
     missing = plan.num_rows - len(written & set(plan.column("image_id").to_pylist())) - len(failed_ids)
     if missing > 0:
         raise RuntimeError(f"{missing} planned images were neither written nor recorded as failed; rerun to draw them")
-    if plan.num_rows and len(failed_ids) / plan.num_rows > config.images.max_error_rate:
-        raise RuntimeError(
-            f"{len(failed_ids)} of {plan.num_rows} images failed (more than images.max_error_rate="
-            f"{config.images.max_error_rate}); reasons are in {run.uri_of('errors', 'images')}"
-        )
+    check_error_rate(plan.num_rows, len(failed_ids), config.images.max_error_rate, run.uri_of("errors", "images"))
     counts = count_per_skill(written_table)
     run.write_bytes("images/README.md", dataset_card(config, counts).encode())
     return {"counts": counts, "failed": len(failed_ids), "images_per_second": round(rate, 3)}
@@ -178,8 +190,7 @@ def _image_plan(config, run: RunDir) -> tuple[pa.Table, set[str], pa.Table]:
     prompts = prompts.filter(pc.is_in(prompts.column("skill"), pa.array(config.skills.names)))
     plan = planned_images(prompts, config.images.images_per_prompt, config.images.seed)
     done = written_image_ids(run) & set(plan.column("image_id").to_pylist())
-    todo = plan.filter(pc.invert(pc.is_in(plan.column("image_id"), pa.array(sorted(done), pa.string()))))
-    return plan, done, todo
+    return plan, done, not_yet_drawn(plan, done)
 
 
 def _planned_dataset(config, todo: pa.Table, prompt_stream):
@@ -255,11 +266,6 @@ def batched_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
 
 def _rows_written(run: RunDir) -> int:
     return sum(run.parquet_rows(f) for f in run.list_files("images"))
-
-
-def _failed_image_ids(run: RunDir) -> set[str]:
-    table = run.read_table("errors", "images", columns=["image_id"])
-    return set() if table is None else set(table.column("image_id").to_pylist())
 
 
 def count_per_skill(table: pa.Table | None) -> dict[str, int]:

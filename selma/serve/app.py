@@ -250,7 +250,6 @@ class ImageModel:
 
         import torch
 
-
         device = default_device()
         if device == "cpu":
             torch.set_num_threads(max(1, int(cpus)))

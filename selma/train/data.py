@@ -43,7 +43,6 @@ def read_and_prepare(items: dict[str, np.ndarray], *, run_uri: str, model: str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-
     filesystem = RunDir(run_uri).fs
     prepare = _preparer(model, resolution, random_crop, random_flip)
     pending: list = []
@@ -86,7 +85,6 @@ class PrepareTrainingBatch:
 
     def __init__(self, model: str, resolution: int, random_crop: bool = True, random_flip: bool = True):
         from transformers import AutoTokenizer
-
 
         path = resolve_model(model)
         self.tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]

@@ -67,7 +67,6 @@ def train_expert_loop(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-
     job: ExpertJob = loop_config["job"]
     t = job.train
     context = ray.train.get_context()
@@ -218,7 +217,6 @@ def fit_expert(job: ExpertJob) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-
     quiet_ray_data()
     t = job.train
     run = RunDir(job.run_uri)
@@ -318,7 +316,6 @@ def run_train_stage(config, run: RunDir, progress=None) -> dict:
     import ray
 
     progress = Progress.of(progress)
-
 
     t = config.train  # preflight_train already ran (pipeline.run_stages, before any stage)
     at_once = experts_at_once(config)

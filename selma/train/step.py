@@ -62,7 +62,6 @@ def load_training_components(model: str, train: TrainConfig, *, device: str = "c
     import torch
     from diffusers import DDPMScheduler
 
-
     dtype = weight_dtype_for(train.mixed_precision)
     pipe = load_pipeline(model, dtype="float32", device="cpu")
     unet, vae = pipe.unet, pipe.vae
@@ -112,7 +111,6 @@ def check_lora_targets(model: str, train: TrainConfig) -> None:
     the targets exist, are Linear layers (what an expert file can hold) and are at least ``rank`` wide."""
     import torch
     from diffusers import UNet2DConditionModel
-
 
     config = UNet2DConditionModel.load_config(resolve_model(model), subfolder="unet")
     with torch.device("meta"):
