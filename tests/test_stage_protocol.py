@@ -193,4 +193,8 @@ def test_progress_counters_write_spaced_lines_off_a_terminal(monkeypatch):
     quiet: list[str] = []
     with Progress(quiet.append, interval_s=0).counter("train coco", total=5, unit="steps") as steps:
         steps.update(3, "loss 0.125")
+    assert len(quiet) == 1, "the last count is not repeated when the counter closes"
     assert quiet[0].startswith("[train coco] 3/5 steps loss 0.125 (")
+    silent: list[str] = []
+    Progress(silent.append).counter("never updated").close()
+    assert silent == []

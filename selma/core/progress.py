@@ -23,6 +23,7 @@ class Counter:
         self.started = time.monotonic()
         self.done, self.detail = 0, ""
         self._last_line: float | None = None
+        self._last_written: tuple[int, str] | None = None
         self._bar = tqdm(total=total, desc=label, unit=f" {unit}", dynamic_ncols=True, leave=True) \
             if progress.interactive else None
 
@@ -37,8 +38,11 @@ class Counter:
             return
         now = time.monotonic()
         if self._last_line is None or now - self._last_line >= self.progress.interval_s:
-            self._last_line = now
-            self.progress(self.line())
+            self._write_line(now)
+
+    def _write_line(self, now: float) -> None:
+        self._last_line, self._last_written = now, (self.done, self.detail)
+        self.progress(self.line())
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
@@ -51,8 +55,8 @@ class Counter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self._last_line is not None:  # a last line only if earlier ones were written
-            self.progress(self.line())
+        elif self._last_written not in (None, (self.done, self.detail)):
+            self._write_line(time.monotonic())  # the final count, unless the last line said it
 
     def __enter__(self) -> "Counter":
         return self

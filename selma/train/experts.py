@@ -341,11 +341,12 @@ def run_train_stage(config, run: RunDir, progress=None) -> dict:
         progress(f"[train] {len(queue)} experts, {at_once} at a time (cluster resources); the rest queue")
     failures: dict[str, str] = {}
     started, resumes_reported, skips_reported = time.time(), 0, 0
-    steps = {name: progress.counter(f"train {name}", total=t.max_steps, unit="steps") for name in todo}
+    steps: dict = {}  # a counter per expert, from its launch
     while queue or pending:
         while queue and len(pending) < at_once:
             name = queue.pop(0)
             pending[launch.remote(replace(jobs[name], progress_actor=board_name))] = name
+            steps[name] = progress.counter(f"train {name}", total=t.max_steps, unit="steps")
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress.poll_s)
         for ref in ready:
             name = pending.pop(ref)
@@ -357,6 +358,8 @@ def run_train_stage(config, run: RunDir, progress=None) -> dict:
                 continue
             finished[name] = {"loss": result["metrics"].get("loss"), "seconds": round(time.time() - started, 1)}
             run.update_stage("train", experts=finished)
+            steps[name].update(t.max_steps, f"loss {finished[name]['loss']:.3f}")
+            steps.pop(name).close()
             progress(f"[train] expert {name} done: loss {finished[name]['loss']:.4f}")
         snapshot = ray.get(board.snapshot.remote())
         for name, step in snapshot["resumes"][resumes_reported:]:
