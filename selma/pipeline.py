@@ -126,15 +126,15 @@ def run_stages(config, names: tuple[str, ...] = RUN_STAGE_NAMES, *, restart: boo
         stage.preflight(config, run)
     with run.lock():
         pending = plan_stages(config, run, names, restart=restart, replaced=replaced)  # again, now no one else writes
-        hashes = accepted_hashes(config)
-        if restart:
-            for stage in _stages(replaced):
-                if stage.name in _discarded_by_restart(names):
-                    run.discard_stage(stage.name, stage.writes)
-                    progress(f"[{stage.name}] discarded for --restart")
+        hashes, stages = accepted_hashes(config), _stages(replaced)
+        discarded = _discarded_by_restart(names) if restart else set()
+        for stage in stages:
+            if stage.name in discarded:
+                run.discard_stage(stage.name, stage.writes)
+                progress(f"[{stage.name}] discarded for --restart")
         if any(stage.chained for stage in pending):
             record_config(run, config)
-        for stage in _stages(replaced):
+        for stage in stages:
             if stage.name in names and stage not in pending:
                 progress(f"[{stage.name}] already committed in {run.uri}, skipping")
         for group in _streaming_pairs(pending):

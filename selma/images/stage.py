@@ -48,10 +48,6 @@ def image_ids(run: RunDir, folder: str = "images") -> set[str]:
     return set() if table is None else set(table.column("image_id").to_pylist())
 
 
-def written_image_ids(run: RunDir) -> set[str]:
-    return image_ids(run, "images")
-
-
 def not_yet_drawn(plan: pa.Table, done: set[str]) -> pa.Table:
     """The rows of ``plan`` whose image is not among ``done``: what a rerun still draws."""
     return plan.filter(pc.invert(pc.is_in(plan.column("image_id"), pa.array(sorted(done), pa.string()))))
@@ -189,7 +185,7 @@ def _image_plan(config, run: RunDir) -> tuple[pa.Table, set[str], pa.Table]:
     prompts = prompts.filter(pc.equal(prompts.column("origin"), "llm"))
     prompts = prompts.filter(pc.is_in(prompts.column("skill"), pa.array(config.skills.names)))
     plan = planned_images(prompts, config.images.images_per_prompt, config.images.seed)
-    done = written_image_ids(run) & set(plan.column("image_id").to_pylist())
+    done = image_ids(run) & set(plan.column("image_id").to_pylist())
     return plan, done, not_yet_drawn(plan, done)
 
 
