@@ -151,3 +151,33 @@ def test_loading_a_config_does_not_import_ray_or_torch():
             "print(sorted(m for m in ('ray', 'torch', 'diffusers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_unhashed_fields_never_change_a_stage_hash(monkeypatch):
+    from selma.core.config import TrainConfig
+
+    base = load_config("tiny").section_hash("model", "train")
+    assert load_config("tiny", ["train.checkpoint_every=3"]).section_hash("model", "train") != base
+    monkeypatch.setattr(TrainConfig, "unhashed", frozenset({"checkpoint_every"}))
+    without = load_config("tiny").section_hash("model", "train")
+    assert load_config("tiny", ["train.checkpoint_every=3"]).section_hash("model", "train") == without
+    assert load_config("tiny", ["train.rank=8"]).section_hash("model", "train") != without
+
+
+def test_a_dotted_section_hashes_one_field_only_off_its_default():
+    # A stage that depends on one field of another section (merge on train.seed, say) names it dotted.
+    base = load_config("tiny")
+    assert base.section_hash("merge", "train.seed") == base.section_hash("merge")
+    changed = load_config("tiny", ["train.seed=1"])
+    assert changed.section_hash("merge", "train.seed") != base.section_hash("merge")
+    assert load_config("tiny", ["train.rank=8"]).section_hash("merge", "train.seed") == base.section_hash("merge")
+
+
+def test_a_new_section_field_with_a_default_factory_is_omitted_at_its_default(monkeypatch):
+    from selma.core.config import TrainConfig
+
+    base = load_config("tiny").section_hash("train")
+    monkeypatch.setattr(TrainConfig, "hash_omits_default", frozenset({"target_modules"}))
+    omitted = load_config("tiny").section_hash("train")
+    assert omitted != base  # target_modules (a default_factory list) left the hash at its default
+    assert load_config("tiny", ["train.target_modules=[to_q]"]).section_hash("train") != omitted

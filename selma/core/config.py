@@ -32,6 +32,8 @@ class _Section(BaseModel):
     # Fields added after runs were recorded: left out of the stage hash while they hold their
     # default, so those runs' committed stages stay current.
     hash_omits_default: ClassVar[frozenset[str]] = frozenset()
+    # Fields that never change what a stage writes (tracking, logging): left out of every hash.
+    unhashed: ClassVar[frozenset[str]] = frozenset()
 
     # The compute keys the section had before ``resources``, old key → field of Resources: refused
     # in a config, read in the run.json of runs made before.
@@ -447,17 +449,33 @@ class SelmaConfig(_Section):
         return _hash(self._without_new_defaults(legacy_layout(self.model_dump(mode="json")), sections))
 
     def _without_new_defaults(self, data: dict, sections: tuple[str, ...]) -> dict:
-        """``sections`` of ``data`` less the fields added after runs were recorded, while they hold
-        their default (``hash_omits_default``)."""
+        """``sections`` of ``data`` less the ``unhashed`` fields and the fields added after runs
+        were recorded while they hold their default (``hash_omits_default``, also on the top level).
+
+        A dotted name (``train.select``) hashes that one field, and only when it is not its
+        default: a stage that depends on one field of another section names it that way."""
+        hashed = {}
         for name in sections:
-            section = getattr(self, name)
-            for field in getattr(section, "hash_omits_default", ()):
-                if getattr(section, field) == type(section).model_fields[field].default:
-                    data[name].pop(field, None)
-        return {name: data[name] for name in sections}
+            owner_path, _, field = name.rpartition(".")
+            owner = self
+            for part in filter(None, owner_path.split(".")):
+                owner = getattr(owner, part)
+            value = getattr(owner, field)
+            if (owner_path or field in type(self).hash_omits_default) and _is_default(owner, field):
+                continue
+            node = _node(data, tuple(name.split(".")[:-1])) if owner_path else data
+            hashed[name] = node[field]
+            if isinstance(value, _Section):
+                for inner in value.unhashed | {f for f in value.hash_omits_default if _is_default(value, f)}:
+                    hashed[name].pop(inner, None)
+        return hashed
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _is_default(owner: BaseModel, field: str) -> bool:
+    return getattr(owner, field) == type(owner).model_fields[field].get_default(call_default_factory=True)
 
 
 def _hash(data: dict) -> str:
