@@ -186,16 +186,22 @@ class RunDir:
         return pa.concat_tables(tables, promote_options="default")
 
     # directories ---------------------------------------------------------------------------
-    def put_dir(self, local_dir: str | Path, relative: str) -> None:
-        """Copy a local directory into the run, replacing ``relative`` as a whole at the end.
+    def put_dir(self, local_dir: str | Path, relative: str, keep: tuple[str, ...] = ()) -> None:
+        """Copy a local directory into the run, replacing ``relative`` as a whole at the end, but
+        for its subfolders named in ``keep`` (written earlier, e.g. an expert's checkpoints).
 
         Object stores cannot rename a directory: there the old copy is deleted and the files are
         written in place (each object appears whole); the stage's commit in run.json is what says
         the directory is complete.
         """
+        clash = [name for name in keep if (Path(local_dir) / name).exists()]
+        if clash:
+            raise ValueError(f"put_dir: {local_dir} holds {clash}, which {relative} keeps")
         if not self.is_local:
             if self.exists(relative):
-                self.fs.delete_dir(self.path(relative))
+                for info in self.fs.get_file_info(pafs.FileSelector(self.path(relative))):
+                    if info.base_name not in keep:
+                        (self.fs.delete_dir if info.type == pafs.FileType.Directory else self.fs.delete_file)(info.path)
             pafs.copy_files(str(local_dir), self.path(relative), source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=self.fs)
             return
@@ -205,10 +211,17 @@ class RunDir:
             self.makedirs(staging)
             pafs.copy_files(str(local_dir), self.path(staging), source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=self.fs)
+            for name in keep:
+                if self.exists(relative, name):
+                    self.fs.move(self.path(relative, name), self.path(staging, name))
             if self.exists(relative):
                 self.fs.delete_dir(self.path(relative))
             self.fs.move(self.path(staging), self.path(relative))
         except BaseException:
+            for name in keep:  # give back what was moved aside
+                if self.exists(staging, name) and not self.exists(relative, name):
+                    self.makedirs(relative)
+                    self.fs.move(self.path(staging, name), self.path(relative, name))
             self.delete_quietly(self.path(staging))
             raise
 

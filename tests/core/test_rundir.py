@@ -73,6 +73,28 @@ def test_put_dir_replaces_a_directory_as_a_whole(run, tmp_path):
         assert sorted(p.name for p in local.iterdir()) == ["new.txt"]
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_put_dir_keeps_the_subfolders_it_is_told_to_keep(where, tmp_path):
+    run = RunDir(str(tmp_path / "run") if where == "local" else f"memory://selma-keep-{tmp_path.name}/run")
+    checkpoint, final = tmp_path / "checkpoint", tmp_path / "final"
+    (checkpoint / "step-2").mkdir(parents=True)
+    (checkpoint / "step-2" / "lora.bin").write_text("step 2")
+    final.mkdir()
+    (final / "lora.bin").write_text("final")
+    run.put_dir(checkpoint, "experts/coco/checkpoints")
+    run.write_bytes("experts/coco/stale.txt", b"from an interrupted attempt")
+    run.makedirs("experts/coco/scratch")
+    run.write_bytes("experts/coco/scratch/x.txt", b"x")
+    run.put_dir(final, "experts/coco", keep=("checkpoints", "validation"))
+    assert run.read_bytes("experts/coco/checkpoints/step-2/lora.bin") == b"step 2"
+    assert run.read_bytes("experts/coco/lora.bin") == b"final"
+    assert not run.exists("experts/coco/stale.txt") and not run.exists("experts/coco/scratch")
+    (final / "checkpoints").mkdir()
+    with pytest.raises(ValueError, match="keeps"):
+        run.put_dir(final, "experts/coco", keep=("checkpoints",))
+    assert run.read_bytes("experts/coco/checkpoints/step-2/lora.bin") == b"step 2"
+
+
 def test_an_fsspec_only_scheme_works():
     run = RunDir("memory://selma-test/run")
     run.write_table("images/coco/part.parquet", pa.table({"image_id": ["x"]}))
