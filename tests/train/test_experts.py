@@ -82,14 +82,20 @@ def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir):
     assert json.loads((latest / "step.json").read_text()) == {"step": 4}
 
 
-def test_ddp_two_workers_and_experts_queue_when_only_one_fits(run_dir):
+def test_ddp_two_workers_experts_queue_when_only_one_fits_and_an_undecodable_image_is_skipped(run_dir):
     # 2 workers × 0.75 CPU + 1 CPU for the data pipeline per expert, on 3 logical CPUs: one at a time.
+    bad = _corrupt_one_image(run_dir, "whoops")
     out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "ray.num_cpus=3",
                      "train.strategy=ddp", "train.resources.workers=2", "train.resources.cpus=0.75", "train.max_steps=2"))
     assert "2 experts, 1 at a time" in out
     for expert in ("coco", "whoops"):
         assert [m["step"] for m in _metrics(run_dir, expert)] == [1, 2]
         _assert_expert_loads_in_diffusers(run_dir, expert)
+    assert f"[train] whoops: skipping unusable image {bad} (undecodable image:" in out
+    assert out.count("skipping unusable image") == 1  # once, though every epoch and both workers meet it
+    stage = json.loads((run_dir / "run.json").read_text())["stages"]["train"]
+    assert [row["image_id"] for row in stage["skipped_images"]["whoops"]] == [bad]
+    assert "coco" not in stage["skipped_images"]
 
 
 def test_joint_mode_trains_one_lora_on_every_skill_and_merge_passes_it_through(run_dir):
@@ -130,19 +136,24 @@ def _start_training(run_dir: Path, *overrides: str) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True)
 
 
-def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float = 300) -> int:
-    """Wait until Ray Train has registered a checkpoint of expert coco (an uploaded folder alone may
-    not be registered yet); returns its step."""
-    deadline = time.time() + timeout
+def _registered_step(run_dir: Path) -> int:
+    """The step of the latest checkpoint of expert coco that Ray Train has registered (an uploaded
+    folder alone may not be registered yet); 0 if none."""
     snapshot = run_dir / "_work" / "train" / "expert-coco" / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):
+        latest = None
+    return latest["metrics"]["step"] if latest else 0
+
+
+def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, after: int = 0, timeout: float = 300) -> int:
+    """Wait until a checkpoint of expert coco beyond step ``after`` is registered; returns its step."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-        except (OSError, ValueError):
-            latest = None
-        if latest:
-            return latest["metrics"]["step"]
-        assert process.poll() is None, "training ended before its first checkpoint"
+        if (step := _registered_step(run_dir)) > after:
+            return step
+        assert process.poll() is None, "training ended before the checkpoint waited for"
         time.sleep(0.2)
     raise AssertionError("no checkpoint within the timeout")
 
@@ -166,34 +177,35 @@ def _kill_session(process: subprocess.Popen) -> None:
 LONG = [*SMALL_BATCH, "train.max_steps=30", "train.max_failures=2"]
 
 
-def test_a_killed_training_worker_is_replaced_and_the_run_completes(run_dir):
-    process = _start_training(run_dir, *LONG)
+def test_a_rerun_after_the_driver_dies_resumes_and_then_a_killed_worker_is_replaced(run_dir):
+    # One scenario, two failures (each costs a trainer start-up, the suite's slowest part):
+    # 1. the driver's whole session dies after a checkpoint; nothing is committed;
+    first = _start_training(run_dir, *LONG)
     try:
-        _wait_for_checkpoint(run_dir, process)
-        workers = [pid for pid in _session_pids(process.pid) if "RayTrainWorker" in _cmdline(pid)]
+        _wait_for_checkpoint(run_dir, first)
+    finally:
+        _kill_session(first)
+    checkpointed = _registered_step(run_dir)
+    assert not (run_dir / "experts" / "coco").exists()
+    # 2. the same command again continues from that checkpoint; once it has checkpointed further,
+    #    its training workers are killed: Ray Train replaces them and they resume too.
+    for log in run_dir.parent.glob("train-*.log"):
+        log.unlink()
+    rerun = _start_training(run_dir, *LONG)
+    try:
+        _wait_for_checkpoint(run_dir, rerun, after=checkpointed)
+        workers = [pid for pid in _session_pids(rerun.pid) if "RayTrainWorker" in _cmdline(pid)]
         assert workers, "no Ray Train worker process found"
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
-        assert process.wait(timeout=600) == 0
+        assert rerun.wait(timeout=600) == 0
     finally:
-        if process.poll() is None:
-            _kill_session(process)
+        if rerun.poll() is None:
+            _kill_session(rerun)
     out = "".join(p.read_text() for p in run_dir.parent.glob("train-*.log"))
-    assert "expert coco: resumed from its checkpoint at step" in out
-    for expert in ("coco", "whoops"):
-        assert [m["step"] for m in _metrics(run_dir, expert)] == list(range(1, 31))
-
-
-def test_a_rerun_after_the_driver_dies_continues_from_the_last_checkpoint(run_dir):
-    process = _start_training(run_dir, *LONG)
-    try:
-        checkpointed = _wait_for_checkpoint(run_dir, process)
-    finally:
-        _kill_session(process)
-    assert not (run_dir / "experts" / "coco").exists()
-    out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *LONG))
-    resumed_at = int(out.split("expert coco: resumed from its checkpoint at step ")[1].split()[0])
-    assert checkpointed <= resumed_at < 30
+    resumes = [int(part.split()[0]) for part in out.split("expert coco: resumed from its checkpoint at step ")[1:]]
+    assert len(resumes) == 2, out[-3000:]
+    assert checkpointed <= resumes[0] < resumes[1] < 30
     for expert in ("coco", "whoops"):
         assert [m["step"] for m in _metrics(run_dir, expert)] == list(range(1, 31))
 
@@ -209,16 +221,6 @@ def _corrupt_one_image(run_dir: Path, skill: str) -> str:
     table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, column))
     pq.write_table(table, path)
     return table.column("image_id")[0].as_py()
-
-
-def test_an_undecodable_image_is_skipped_counted_and_reported(run_dir):
-    bad = _corrupt_one_image(run_dir, "whoops")
-    out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "train.max_steps=2"))
-    assert f"[train] whoops: skipping unusable image {bad} (undecodable image:" in out
-    assert out.count("skipping unusable image") == 1  # once, though every epoch meets it
-    stage = json.loads((run_dir / "run.json").read_text())["stages"]["train"]
-    assert [row["image_id"] for row in stage["skipped_images"]["whoops"]] == [bad]
-    assert "coco" not in stage["skipped_images"]
 
 
 def test_bad_lora_settings_fail_before_any_training(run_dir):
