@@ -40,22 +40,26 @@ def _stages(replaced: Mapping[str, Stage] | None = None) -> tuple[Stage, ...]:
     return tuple(replaced.get(stage.name, stage) for stage in STAGES)
 
 
-def stage_hashes(config, *, legacy: bool = False) -> dict[str, str]:
+def stage_hashes(config, *, legacy: bool = False, pin_unhashed: bool = True) -> dict[str, str]:
     """Each chained stage's hash covers its own sections and every upstream stage's hash; ``legacy``:
-    the hashes run directories recorded before ``resources`` replaced each section's compute keys."""
+    the hashes run directories recorded before ``resources`` replaced each section's compute keys;
+    ``pin_unhashed=False``: before nested pacing fields (``prompts.openai.qps``) left the hash."""
     hashes, upstream = {}, ""
     for stage in STAGES:
         if stage.chained:
-            own = config.legacy_section_hash(*stage.sections) if legacy else config.section_hash(*stage.sections)
+            own = (config.legacy_section_hash(*stage.sections) if legacy
+                   else config.section_hash(*stage.sections, pin_unhashed=pin_unhashed))
             upstream = hashlib.sha256(f"{upstream}:{own}".encode()).hexdigest()[:16]
             hashes[stage.name] = upstream
     return hashes
 
 
-def accepted_hashes(config) -> dict[str, tuple[str, str]]:
-    """Each chained stage's hash, then its legacy hash: a stage committed under either is this config's."""
+def accepted_hashes(config) -> dict[str, tuple[str, ...]]:
+    """Each chained stage's hash, then its legacy hashes: a stage committed under any is this config's."""
     current, legacy = stage_hashes(config), stage_hashes(config, legacy=True)
-    return {name: (current[name], legacy[name]) for name in current}
+    unpinned = stage_hashes(config, pin_unhashed=False)
+    return {name: (current[name], legacy[name], *([unpinned[name]] if unpinned[name] != current[name] else []))
+            for name in current}
 
 
 def record_config(run: RunDir, config) -> None:
@@ -142,7 +146,7 @@ def run_stages(config, names: tuple[str, ...] = RUN_STAGE_NAMES, *, restart: boo
     return summarize(run)
 
 
-def _run_group(group: list[Stage], config, run: RunDir, hashes: dict[str, tuple[str, str]], progress: Progress) -> None:
+def _run_group(group: list[Stage], config, run: RunDir, hashes: dict[str, tuple[str, ...]], progress: Progress) -> None:
     for stage in group:
         run.begin_stage(stage.name, *(hashes[stage.name] if stage.chained else (None,)))
     ctx = StageContext(config, run, progress)

@@ -65,6 +65,13 @@ BAD = [
     (["train.mode=both"], "train.mode"),
     (["train.max_concurrent_experts=0"], "train.max_concurrent_experts"),
     (["prompts.backend=transformers"], "prompts"),
+    (["prompts.chat=maybe"], "prompts.chat"),
+    (["prompts.chat=true"], "chat: true"),
+    (["prompts.backend=openai", "prompts.model=m", "prompts.openai.base_url=http://h/v1", "prompts.chat=true"],
+     "openai.api"),
+    (["prompts.openai.tpm=0"], "prompts.openai.tpm"),
+    (["prompts.pricing={prompt_per_1m: -1, completion_per_1m: 1}"], "prompts.pricing.prompt_per_1m"),
+    (["prompts.pricing={prompt_per_1m: 1}"], "prompts.pricing.completion_per_1m"),
     (["serve.max_ongoing_requests=1"], "serve"),
     (["images=3"], "images"),
     (["images.steps.deep=3"], "images.steps"),
@@ -79,13 +86,59 @@ def test_joint_mode_trains_one_expert_named_joint():
     assert load_config("tiny").expert_names == load_config("tiny").skills.names
 
 
+def _recorded_images_hash(images: dict) -> str:
+    """The images section's hash as selma computed it when the field was truncate_long_prompts."""
+    images = {k: v for k, v in images.items() if k != "resources"}  # resources stay out of every hash
+    return hashlib.sha256(json.dumps({"images": images}, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def test_a_field_added_after_runs_were_recorded_stays_out_of_the_stage_hash_at_its_default():
     config = load_config("tiny")
     images = config.model_dump(mode="json")["images"]
-    del images["truncate_long_prompts"], images["resources"]  # resources stay out of every hash
-    recorded = hashlib.sha256(json.dumps({"images": images}, sort_keys=True).encode()).hexdigest()[:16]
+    del images["truncate_prompts"]
+    recorded = _recorded_images_hash(images)
     assert config.section_hash("images") == recorded
-    assert load_config("tiny", ["images.truncate_long_prompts=true"]).section_hash("images") != recorded
+    truncating = load_config("tiny", ["images.truncate_prompts=true"])
+    assert truncating.section_hash("images") != recorded
+    # Renamed from truncate_long_prompts: a run recorded with it on keeps its hash.
+    images["truncate_long_prompts"] = True
+    assert truncating.section_hash("images") == _recorded_images_hash(images)
+
+
+def test_a_renamed_key_is_refused_naming_the_new_one_and_read_from_an_old_run_json():
+    from selma.core.config import SelmaConfig, upgrade_recorded_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", ["images.truncate_long_prompts=true"])
+    assert str(info.value) == "images.truncate_long_prompts: replaced by images.truncate_prompts"
+    recorded = load_config("tiny", ["images.truncate_prompts=true"]).model_dump(mode="json")
+    recorded["images"]["truncate_long_prompts"] = recorded["images"].pop("truncate_prompts")
+    assert SelmaConfig.model_validate(upgrade_recorded_config(recorded)).images.truncate_prompts is True
+
+
+def test_pacing_and_pricing_never_change_the_prompt_stage_hash():
+    from selma.pipeline import accepted_hashes, stage_hashes
+
+    base = stage_hashes(load_config("tiny"))
+    paced = load_config("tiny", ["prompts.openai.qps=5", "prompts.openai.tpm=90000",
+                                 "prompts.pricing={prompt_per_1m: 1.5, completion_per_1m: 2.0, currency: EUR}"])
+    assert stage_hashes(paced) == base
+    assert load_config("tiny", ["prompts.pricing={prompt_per_1m: 1.5, completion_per_1m: 2.0}"]).prompts.pricing.currency == "USD"
+    assert stage_hashes(load_config("tiny", ["prompts.openai.max_retries=5"]))["prompts"] != base["prompts"]
+    # A run recorded while qps was still hashed (qps: 5) stays committed for qps 5.
+    recorded_with_qps = load_config("tiny", ["prompts.openai.qps=5"])
+    earlier = stage_hashes(recorded_with_qps, pin_unhashed=False)["prompts"]
+    assert earlier != base["prompts"] and earlier in accepted_hashes(recorded_with_qps)["prompts"]
+    assert earlier not in accepted_hashes(load_config("tiny", ["prompts.openai.qps=2"]))["prompts"]
+
+
+def test_chat_changes_the_prompt_hash_only_off_its_default():
+    base = load_config("tiny").section_hash("skills", "prompts")
+    llm = ["prompts.backend=vllm", "prompts.model=some/llm"]
+    assert load_config("tiny", [*llm, "prompts.chat=auto"]).section_hash("skills", "prompts") == \
+        load_config("tiny", llm).section_hash("skills", "prompts") != base
+    assert load_config("tiny", [*llm, "prompts.chat=false"]).section_hash("skills", "prompts") != \
+        load_config("tiny", llm).section_hash("skills", "prompts")
 
 
 @pytest.mark.parametrize("overrides,field", BAD)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Iterator, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from selma.core.errors import ConfigError
 
@@ -32,8 +32,14 @@ class _Section(BaseModel):
     # Fields added after runs were recorded: left out of the stage hash while they hold their
     # default, so those runs' committed stages stay current.
     hash_omits_default: ClassVar[frozenset[str]] = frozenset()
-    # Fields that never change what a stage writes (tracking, logging): left out of every hash.
+    # Fields that never change what a stage writes (tracking, logging, pacing): left out of every
+    # hash. In a nested section (prompts.openai) such a field is hashed at its default instead, so
+    # the hashes recorded while it was still hashed stay valid for runs that left it at its default;
+    # one that is also in hash_omits_default is left out.
     unhashed: ClassVar[frozenset[str]] = frozenset()
+    # Fields renamed, old name → new: refused in a config naming the new one, read in the run.json
+    # of runs made before, and hashed under the old name so those runs stay committed.
+    renamed_keys: ClassVar[dict[str, str]] = {}
 
     # The compute keys the section had before ``resources``, old key → field of Resources: refused
     # in a config, read in the run.json of runs made before.
@@ -46,8 +52,9 @@ class _Section(BaseModel):
     def _refuse_replaced_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
             replaced = {old: f"resources.{new}" for old, new in cls.replaced_keys.items() if old in data}
+            replaced.update({old: new for old, new in cls.renamed_keys.items() if old in data})
             if replaced:
-                raise PydanticCustomError(REPLACED_KEY_ERROR, "keys replaced by resources: {replaced}",
+                raise PydanticCustomError(REPLACED_KEY_ERROR, "keys replaced: {replaced}",
                                           {"replaced": replaced})
         return data
 
@@ -127,11 +134,20 @@ class OpenAIEndpointConfig(_Section):
 
     base_url: str | None = Field(None, description="e.g. http://llm:8000/v1 (the /completions path is added)")
     api: Literal["completions", "chat"] = Field(
-        "completions", description="completions continues the numbered list as-is; chat sends it as a user message")
+        "completions", description="completions continues the numbered list as-is; chat asks for the numbered list in "
+                                   "a user message and reads the answer's numbered lines")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (sent if set)")
     qps: int | None = Field(None, ge=1, description="requests per second per worker; None: no limit")
+    tpm: int | None = Field(
+        None, ge=1, description="tokens per minute per worker (prompt + completion): each request is charged its "
+                                "prompt estimate + max_tokens before it is sent, corrected by the usage it reports; "
+                                "None: no limit")
     max_retries: int = Field(3, ge=0, description="retries with exponential back-off on 429/5xx/timeouts")
     retry_wait_s: float = Field(1.0, gt=0, description="first back-off wait; doubles per retry")
+
+    # Pacing only: the completions do not depend on it.
+    unhashed = frozenset({"qps", "tpm"})
+    hash_omits_default = frozenset({"tpm"})
 
     @field_validator("base_url")
     @classmethod
@@ -170,7 +186,26 @@ class LLMConfig(_Section):
         return self
 
 
+class PricingConfig(_Section):
+    """What the LLM costs per token, to report each skill's cost (prompts.pricing)."""
+
+    prompt_per_1m: float = Field(..., ge=0, description="price of a million prompt (input) tokens")
+    completion_per_1m: float = Field(..., ge=0, description="price of a million completion (output) tokens")
+    currency: str = Field("USD", min_length=1)
+
+
 class PromptsConfig(LLMConfig):
+    # chat was added after runs were recorded: hashed only when set off its default (auto).
+    hash_omits_default = frozenset({"chat"})
+    unhashed = frozenset({"pricing"})
+
+    chat: Literal["auto", True, False] = Field(
+        "auto", description="vllm/transformers: send each request through the model's chat template as a user "
+                            "message asking for the numbered list; auto: when the model has one; true: require one; "
+                            "false: a plain continuation prompt (openai: set openai.api)")
+    pricing: PricingConfig | None = Field(
+        None, description="e.g. {prompt_per_1m: 0.15, completion_per_1m: 0.6, currency: USD}: report each skill's "
+                          "cost beside its token usage; None: no cost")
     per_skill: int = Field(1000, ge=1, description="accepted LLM prompts per skill")
     examples_per_request: int = Field(3, ge=1)
     candidates_per_request: int = Field(20, ge=1)
@@ -179,6 +214,15 @@ class PromptsConfig(LLMConfig):
         1, ge=1, description="rounds per skill sent before the previous ones are filtered; 1 is the paper's loop")
     max_rounds: int = Field(1000, ge=1, description="give up on a skill after this many rounds")
     rouge_threshold: float = Field(0.8, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _chat_fits_the_backend(self) -> "PromptsConfig":
+        if self.backend == "template" and self.chat is True:
+            raise ValueError("chat: true needs an LLM with a chat template; the template backend has none")
+        if self.backend == "openai" and self.chat is not (self.openai.api == "chat") and self.chat != "auto":
+            raise ValueError(f"chat: {str(self.chat).lower()} contradicts openai.api: {self.openai.api} (the openai "
+                             "backend sends chat messages exactly when openai.api is chat; leave chat at auto)")
+        return self
 
     @model_validator(mode="after")
     def _cap_batch_size(self) -> "PromptsConfig":
@@ -206,11 +250,12 @@ class ImagesConfig(_Section):
     vae_tiling: bool = False
     max_error_rate: float = Field(0.05, ge=0, le=1)
     seed: int = 0
-    truncate_long_prompts: bool = Field(
-        False, description="let the text encoder cut prompts longer than it takes; false: such a prompt's "
-                           "images fail (recorded in errors/images)")
+    truncate_prompts: bool = Field(
+        False, description="let the text encoder cut prompts longer than it takes, marking their rows "
+                           "prompt_truncated; false: such a prompt's images fail (recorded in errors/images)")
 
-    hash_omits_default = frozenset({"truncate_long_prompts"})
+    hash_omits_default = frozenset({"truncate_prompts"})
+    renamed_keys = {"truncate_long_prompts": "truncate_prompts"}
 
     @field_validator("resolution")
     @classmethod
@@ -430,10 +475,11 @@ class SelmaConfig(_Section):
     def resolved_run_dir(self) -> str:
         return self.run_dir or str(Path("runs") / self.name)
 
-    def section_hash(self, *sections: str) -> str:
+    def section_hash(self, *sections: str, pin_unhashed: bool = True) -> str:
         """A stable hash of the named sections, used to tell whether a committed stage is stale.
         Resources are left out (they change where a stage runs, not what it writes) but for the
-        fields a section names in ``hashed_resources``."""
+        fields a section names in ``hashed_resources``. ``pin_unhashed=False``: the ``unhashed``
+        fields of nested sections as set, as selma hashed them before they were unhashed."""
         data = self.model_dump(mode="json")
         for path, section in resource_sections(SelmaConfig):
             node = _node(data, path)
@@ -441,16 +487,17 @@ class SelmaConfig(_Section):
                 hashed = {k: v for k, v in node.pop("resources").items() if k in section.hashed_resources}
                 if hashed:
                     node["resources"] = hashed
-        return _hash(self._without_new_defaults(data, sections))
+        return _hash(self._without_new_defaults(data, sections, pin_unhashed))
 
     def legacy_section_hash(self, *sections: str) -> str:
         """:meth:`section_hash` as it was before ``resources`` replaced each section's compute keys,
         which it hashed with the rest: what run directories written then recorded."""
-        return _hash(self._without_new_defaults(legacy_layout(self.model_dump(mode="json")), sections))
+        return _hash(self._without_new_defaults(legacy_layout(self.model_dump(mode="json")), sections, False))
 
-    def _without_new_defaults(self, data: dict, sections: tuple[str, ...]) -> dict:
+    def _without_new_defaults(self, data: dict, sections: tuple[str, ...], pin_unhashed: bool = True) -> dict:
         """``sections`` of ``data`` less the ``unhashed`` fields and the fields added after runs
-        were recorded while they hold their default (``hash_omits_default``, also on the top level).
+        were recorded while they hold their default (``hash_omits_default``, also on the top level
+        and in nested sections); renamed fields under their old names.
 
         A dotted name (``train.select``) hashes that one field, and only when it is not its
         default: a stage that depends on one field of another section names it that way."""
@@ -466,12 +513,32 @@ class SelmaConfig(_Section):
             node = _node(data, tuple(name.split(".")[:-1])) if owner_path else data
             hashed[name] = node[field]
             if isinstance(value, _Section):
-                for inner in value.unhashed | {f for f in value.hash_omits_default if _is_default(value, f)}:
-                    hashed[name].pop(inner, None)
+                _strip_unhashed(value, hashed[name], nested=bool(owner_path), pin_unhashed=pin_unhashed)
         return hashed
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _strip_unhashed(section: _Section, data: dict, *, nested: bool, pin_unhashed: bool) -> None:
+    """``data`` (``section`` dumped, changed in place) as its stage hash takes it, nested sections too:
+    see ``_Section.unhashed``, ``hash_omits_default`` and ``renamed_keys``."""
+    for name in section.unhashed:
+        if not nested or name in section.hash_omits_default:
+            data.pop(name, None)
+        elif pin_unhashed:
+            default = type(section).model_fields[name].get_default(call_default_factory=True)
+            data[name] = to_jsonable_python(default)
+    for name in section.hash_omits_default - section.unhashed:
+        if _is_default(section, name):
+            data.pop(name, None)
+    for old, new in section.renamed_keys.items():
+        if new in data:
+            data[old] = data.pop(new)
+    for name in type(section).model_fields:
+        inner = getattr(section, name)
+        if isinstance(inner, _Section) and isinstance(data.get(name), dict):
+            _strip_unhashed(inner, data[name], nested=True, pin_unhashed=pin_unhashed)
 
 
 def _is_default(owner: BaseModel, field: str) -> bool:
@@ -519,9 +586,22 @@ def legacy_section(node: dict, section: type[_Section]) -> dict:
     return node
 
 
+def sections_under(model: type[BaseModel], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], type[_Section]]]:
+    """(path, class) of every section under ``model``, e.g. (("prompts", "openai"), OpenAIEndpointConfig)."""
+    for name, field in model.model_fields.items():
+        for member in (field.annotation, *get_args(field.annotation)):
+            if isinstance(member, type) and issubclass(member, _Section):
+                yield (*path, name), member
+                yield from sections_under(member, (*path, name))
+
+
 def upgrade_recorded_config(data: dict) -> dict:
-    """A config recorded in run.json before ``resources`` (changed in place) in today's layout; a
-    config the user writes is refused with the old keys instead."""
+    """A config recorded in run.json before ``resources`` or a rename (changed in place) in today's
+    layout; a config the user writes is refused with the old keys instead."""
+    for path, section in sections_under(SelmaConfig):
+        node = _node(data, path) or {}
+        for old in [key for key in section.renamed_keys if key in node]:
+            node.setdefault(section.renamed_keys[old], node.pop(old))
     for path, section in resource_sections(SelmaConfig):
         node = _node(data, path) or {}
         for old in [key for key in section.replaced_keys if key in node]:

@@ -241,12 +241,14 @@ def generation_settings(config):
     images = config.images
     # Benchmarks hold prompts longer than a CLIP text encoder takes (DSG-1K's paragraphs): the
     # pipeline truncates them, as in the published evaluations.
-    return images.model_copy(update={"steps": config.eval.steps or images.steps, "truncate_long_prompts": True})
+    return images.model_copy(update={"steps": config.eval.steps or images.steps, "truncate_prompts": True})
 
 
 def images_key(config, model: EvalModel, benchmark: str) -> str:
     lora = _file_digest(str(Path(local_folder(model.lora)) / "pytorch_lora_weights.safetensors")) if model.lora else None
     drawn_with = generation_settings(config).model_dump(include=GENERATOR_FIELDS)
+    # Keyed under the field's old name, so the images eval drew before the rename are reused.
+    drawn_with["truncate_long_prompts"] = drawn_with.pop("truncate_prompts")
     return _key(config.model, lora, drawn_with, config.eval.seed, benchmark)
 
 

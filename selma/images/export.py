@@ -31,7 +31,10 @@ HF_FEATURES = {
     "model": {"dtype": "string", "_type": "Value"},
     "steps": {"dtype": "int32", "_type": "Value"},
     "guidance_scale": {"dtype": "float32", "_type": "Value"},
+    # Only in runs with images.truncate_prompts: whether the text encoder cut the row's prompt.
+    "prompt_truncated": {"dtype": "bool", "_type": "Value"},
 }
+OPTIONAL_COLUMNS = ("prompt_truncated",)
 
 
 def png_column(images: pa.Array | pa.ChunkedArray) -> pa.StructArray:
@@ -58,17 +61,20 @@ def with_hf_features(table: pa.Table) -> pa.Table:
 
 def dataset_card(config, counts: dict[str, int]) -> str:
     """``images/README.md``: the Hub's YAML header (configs, features, split size) and a summary."""
+    images = config.images
+    features = {name: f for name, f in HF_FEATURES.items() if name not in OPTIONAL_COLUMNS}
+    if images.truncate_prompts:
+        features["prompt_truncated"] = HF_FEATURES["prompt_truncated"]
     header = {
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "*/*.parquet"}]}],
         "dataset_info": {
             "features": [{"name": name, **({"dtype": f["dtype"]} if "dtype" in f else {"dtype": "image"})}
-                         for name, f in HF_FEATURES.items()],
+                         for name, f in features.items()],
             "splits": [{"name": "train", "num_examples": sum(counts.values())}],
         },
         "task_categories": ["text-to-image"],
         "tags": ["selma", "synthetic"],
     }
-    images = config.images
     rows = "\n".join(f"| `{skill}` | {count} |" for skill, count in sorted(counts.items()))
     return (
         "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n"
@@ -78,7 +84,9 @@ def dataset_card(config, counts: dict[str, int]) -> str:
         f"Settings: {images.steps} denoising steps, guidance scale {images.guidance_scale}, "
         f"{images.images_per_prompt} image(s) per prompt, resolution "
         f"{images.resolution or 'native'}, negative prompt {images.negative_prompt!r}, seed {images.seed}; "
-        "each image's seed is derived from its `image_id`.\n\n"
+        "each image's seed is derived from its `image_id`."
+        + (" Prompts longer than the text encoder takes were cut to fit (`prompt_truncated`)."
+           if images.truncate_prompts else "") + "\n\n"
         "| skill | images |\n|---|---|\n" + rows + "\n\n"
         "```python\nfrom datasets import load_dataset\n"
         "ds = load_dataset(\"parquet\", data_files=\"images/*/*.parquet\", split=\"train\")\n```\n"

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # The ImagesConfig fields an ImageGenerator reads: with the model, a LoRA and the seeds, they decide
 # the images it draws (eval keys its drawn images on them).
 GENERATOR_FIELDS = frozenset({"steps", "guidance_scale", "resolution", "negative_prompt", "dtype", "channels_last",
-                              "compile", "vae_slicing", "vae_tiling", "truncate_long_prompts"})
+                              "compile", "vae_slicing", "vae_tiling", "truncate_prompts"})
 
 
 def torch_dtype(name: str, device: str):
@@ -114,16 +114,30 @@ class ImageGenerator:
         if settings.compile:
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
 
-    def check_prompt_lengths(self, prompts: list[str]) -> None:
-        """Refuse prompts the text encoder would silently truncate (unless truncation is allowed)."""
-        if self.settings.truncate_long_prompts:
-            return
-        tokenizer = self.pipe.tokenizer
-        limit = tokenizer.model_max_length
+    def prompt_overflows(self, prompts: list[str]) -> list[str | None]:
+        """For each prompt, why a text encoder of the pipeline would cut it (its length in tokens
+        and the limit), or None when every one takes it whole."""
+        tokenizers = [tokenizer for tokenizer in (getattr(self.pipe, "tokenizer", None),
+                                                  getattr(self.pipe, "tokenizer_2", None)) if tokenizer is not None]
+        reasons = []
         for prompt in prompts:
-            length = len(tokenizer(prompt, truncation=False).input_ids)
-            if length > limit:
-                raise ValueError(f"prompt is {length} tokens; the text encoder takes at most {limit}")
+            reason = None
+            for tokenizer in tokenizers:
+                limit = tokenizer.model_max_length
+                length = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+                if length > limit:
+                    reason = f"prompt is {length} tokens; the text encoder takes at most {limit}"
+                    break
+            reasons.append(reason)
+        return reasons
+
+    def check_prompt_lengths(self, prompts: list[str]) -> None:
+        """Refuse prompts the text encoder would silently truncate (unless ``truncate_prompts``)."""
+        if self.settings.truncate_prompts:
+            return
+        for reason in self.prompt_overflows(prompts):
+            if reason:
+                raise ValueError(reason)
 
     @property
     def resolution(self) -> int:

@@ -19,7 +19,7 @@ from selma.core.ids import image_id, image_seed
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir, local_folder, new_part_name
 from selma.core.stage import StageBase, StageContext
-from selma.images.export import HF_FEATURES, dataset_card, with_hf_features
+from selma.images.export import HF_FEATURES, OPTIONAL_COLUMNS, dataset_card, with_hf_features
 from selma.images.generator import ImageGenerator, png_bytes
 
 # torch is imported where used, in the generator actors (the vLLM venv imports this module too).
@@ -27,7 +27,8 @@ from selma.images.generator import ImageGenerator, png_bytes
 if TYPE_CHECKING:
     from selma.core.config import ImagesConfig, Resources
 
-IMAGE_COLUMNS = list(HF_FEATURES)  # the contract of images/<skill>/*.parquet, in order
+# The contract of images/<skill>/*.parquet, in order; prompt_truncated follows with images.truncate_prompts.
+IMAGE_COLUMNS = [name for name in HF_FEATURES if name not in OPTIONAL_COLUMNS]
 
 
 def planned_images(prompts: pa.Table, images_per_prompt: int, base_seed: int) -> pa.Table:
@@ -90,7 +91,7 @@ class GenerateImages:
                     errors[i] = f"{type(err).__name__}: {err}"[:2000]
         size = self.generator.resolution
         n = len(prompts)
-        return {
+        rows = {
             **{key: batch[key] for key in ("image_id", "prompt_id", "skill", "prompt", "seed")},
             "image": np.array(images, dtype=object),
             "width": np.full(n, size, dtype=np.int32),
@@ -100,6 +101,10 @@ class GenerateImages:
             "guidance_scale": np.full(n, self.settings.guidance_scale, dtype=np.float32),
             "error": np.array(errors, dtype=object),
         }
+        if self.settings.truncate_prompts:
+            overflows = self.generator.prompt_overflows(prompts)
+            rows["prompt_truncated"] = np.array([reason is not None for reason in overflows], dtype=bool)
+        return rows
 
 
 def _image_sink(run_uri: str, images_dir: str = "images", errors_dir: str = "errors/images"):
@@ -120,7 +125,8 @@ def _image_sink(run_uri: str, images_dir: str = "images", errors_dir: str = "err
                     continue
                 is_error = pc.invert(pc.is_null(table.column("error")))
                 errors = table.filter(is_error).drop_columns(["image"])
-                good = table.filter(pc.invert(is_error)).select(IMAGE_COLUMNS)
+                good = table.filter(pc.invert(is_error))
+                good = good.select(IMAGE_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in good.column_names])
                 if errors.num_rows:
                     run.write_table(f"{errors_dir}/{new_part_name()}", errors)
                     failed += errors.num_rows

@@ -37,12 +37,16 @@ def requests_from_batch(batch) -> list[LLMRequest]:
 
 
 def with_completions(batch, texts: list[str], truncated: list[bool] | None = None,
-                     errors: list[str | None] | None = None):
-    """``batch`` plus the ``completion``, ``truncated`` and ``llm_error`` columns."""
+                     errors: list[str | None] | None = None, prompt_tokens: list[int] | None = None,
+                     completion_tokens: list[int] | None = None):
+    """``batch`` plus the ``completion``, ``truncated``, ``llm_error`` and token count columns
+    (null where the backend counts no tokens)."""
     n = batch.num_rows
     return (batch.append_column("completion", pa.array(texts, pa.string()))
             .append_column("truncated", pa.array(truncated or [False] * n, pa.bool_()))
-            .append_column("llm_error", pa.array(errors or [None] * n, pa.string())))
+            .append_column("llm_error", pa.array(errors or [None] * n, pa.string()))
+            .append_column("prompt_tokens", pa.array(prompt_tokens or [None] * n, pa.int64()))
+            .append_column("completion_tokens", pa.array(completion_tokens or [None] * n, pa.int64())))
 
 
 # ray.data.llm's pre/postprocess maps and HTTP clients are light: reserving CPUs for them
@@ -64,7 +68,9 @@ def _normalize_batch(batch):
     return pa.table({"skill": batch.column("skill"), "round": batch.column("round").cast(pa.int32()),
                      "index": batch.column("index").cast(pa.int32()),
                      "completion": column("completion", "", pa.string()),
-                     "truncated": column("truncated", False, pa.bool_()), "llm_error": errors})
+                     "truncated": column("truncated", False, pa.bool_()), "llm_error": errors,
+                     "prompt_tokens": column("prompt_tokens", None, pa.int64()),
+                     "completion_tokens": column("completion_tokens", None, pa.int64())})
 
 
 def normalize_completions(dataset):

@@ -1,5 +1,7 @@
 """The ``openai`` backend: any OpenAI-compatible completions or chat endpoint, through
-``ray.data.llm``'s ``HttpRequestProcessorConfig`` (rate limit, retries with back-off).
+``ray.data.llm``'s ``HttpRequestProcessorConfig`` (requests per second, retries with back-off),
+with a tokens-per-minute limit (:mod:`selma.llm.ratelimit`) when ``openai.tpm`` is set. Each
+request's token usage is read from the answer's ``usage``.
 
 The key is read from the environment variable ``prompts.openai.api_key_env`` on the driver.
 A request the server answers with an error is recorded against its skill; a server that
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 
 from selma.llm.base import PROCESSOR_MAP_KWARGS, normalize_completions
+from selma.llm.ratelimit import TokenLimitedSessions
 
 
 def request_payload(config, row: dict) -> dict:
@@ -40,6 +43,15 @@ def parse_response(response) -> tuple[str, bool, str | None]:
     return str(text or ""), choice.get("finish_reason") == "length", None
 
 
+def response_usage(response) -> tuple[int | None, int | None]:
+    """(prompt_tokens, completion_tokens) from an answer's ``usage``; None where it reports none."""
+    usage = response.get("usage") if isinstance(response, dict) else None
+    if not isinstance(usage, dict):
+        return None, None
+    counts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+    return tuple(None if n is None else int(n) for n in counts)
+
+
 def openai_stage(dataset, config):
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
@@ -51,6 +63,7 @@ def openai_stage(dataset, config):
             url=f"{endpoint.base_url}/{path}",
             headers={"Authorization": f"Bearer {key}"} if key else None,
             qps=endpoint.qps,
+            session_factory=TokenLimitedSessions(endpoint.tpm) if endpoint.tpm else None,
             max_retries=endpoint.max_retries,
             base_retry_wait_time_in_s=endpoint.retry_wait_s,
             batch_size=config.batch_size,
@@ -66,6 +79,8 @@ def openai_stage(dataset, config):
 
 
 def _postprocess(row: dict) -> dict:
-    text, truncated, error = parse_response(row.get("http_response"))
+    response = row.get("http_response")
+    text, truncated, error = parse_response(response)
+    prompt_tokens, completion_tokens = response_usage(response)
     return {**{k: row[k] for k in ("skill", "round", "index")}, "completion": text, "truncated": truncated,
-            "llm_error": error}
+            "llm_error": error, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}

@@ -24,6 +24,7 @@ from selma.core.ids import derived_seed, prompt_id
 from selma.llm.base import LLMBackend, LLMRequest
 from selma.prompts.diversity import DiversityFilter
 from selma.prompts.parse import parse_completion
+from selma.prompts.usage import Usage
 
 
 @dataclass
@@ -60,15 +61,24 @@ class Completion:
     text: str = ""
     truncated: bool = False
     error: str | None = None
+    prompt_tokens: int | None = None  # as the backend reported them; None: not reported
+    completion_tokens: int | None = None
 
 
 class SkillLoop:
-    """One skill's loop: hands out each round's requests and filters their completions in order."""
+    """One skill's loop: hands out each round's requests and filters their completions in order.
 
-    def __init__(self, skill, seeds: list[str], written: list[PromptRow], config, generator_name: str):
+    ``chat``: the requests are a chat model's user messages asking for the numbered list, and the
+    completions its answers. ``round_usage``: the usage recorded for the written rounds; the
+    entries of rounds the loop requests again are replaced.
+    """
+
+    def __init__(self, skill, seeds: list[str], written: list[PromptRow], config, generator_name: str,
+                 *, chat: bool = False, round_usage: dict[int, Usage] | None = None):
         self.skill = skill
         self.config = config  # selma.config.PromptsConfig
         self.generator_name = generator_name
+        self.chat = chat
         written_texts = {row.prompt for row in written}
         self.seed_rows = [PromptRow(prompt_id(skill.name, s), skill.name, s, "seed", "seed", 0)
                           for s in seeds if s not in written_texts]
@@ -84,11 +94,17 @@ class SkillLoop:
         self._issued: dict[int, int] = {}
         self._pending: dict[int, dict[int, Completion]] = {}
         self.stats = SkillStats()
+        self.round_usage = {r: u for r, u in (round_usage or {}).items() if r < self.first_round}
         self.last_error: str | None = None
 
     @property
     def name(self) -> str:
         return self.skill.name
+
+    @property
+    def usage(self) -> Usage:
+        """The skill's usage over every run of the stage."""
+        return Usage.total(self.round_usage.values())
 
     @property
     def done(self) -> bool:
@@ -134,7 +150,7 @@ class SkillLoop:
             examples = rng.sample(visible, min(cfg.examples_per_request, len(visible)))
             requests.append(LLMRequest(
                 skill=self.name,
-                prompt=self.skill.render_instruction(examples, cfg.candidates_per_request),
+                prompt=self.skill.render_instruction(examples, cfg.candidates_per_request, chat=self.chat),
                 seed=derived_seed(cfg.seed, self.name, round_number, index),
                 num_candidates=cfg.candidates_per_request,
                 first_index=len(examples) + 1,
@@ -167,6 +183,9 @@ class SkillLoop:
             self._pool_size_after[next_round] = len(self.pool)
 
     def _filter_round(self, round_number: int, completions: list[Completion]) -> list[PromptRow]:
+        if completions:
+            self.round_usage[round_number] = Usage.of_requests(
+                (c.prompt_tokens, c.completion_tokens) for c in completions)
         accepted = []
         for completion in completions:
             self.stats.requests += 1
@@ -174,7 +193,8 @@ class SkillLoop:
                 self.stats.failed_requests += 1
                 self.last_error = completion.error
                 continue
-            candidates, unparseable = parse_completion(completion.text, truncated=completion.truncated)
+            candidates, unparseable = parse_completion(completion.text, truncated=completion.truncated,
+                                                       answer=self.chat)
             self.stats.unparseable += unparseable
             for text in candidates:
                 if self.done:

@@ -17,15 +17,17 @@ def _clean(text: str) -> str:
     return text.strip(QUOTES + " ") if text.count('"') == 1 else text
 
 
-def parse_completion(completion: str, *, truncated: bool = False) -> tuple[list[str], int]:
+def parse_completion(completion: str, *, truncated: bool = False, answer: bool = False) -> tuple[list[str], int]:
     """Candidates from a numbered-list continuation, and how many lines could not be used.
 
     The request ends with ``N.``, so the first line of the completion is item N without its
     number. Later items carry numbers (``5.``, ``5)``, ``(5)``) or bullets (``-``, ``*``).
     Preambles ("Here are 20 more…"), blank lines, repeats and a last line cut off by the token
-    limit (``truncated``) are dropped.
+    limit (``truncated``) are dropped. ``answer``: a chat model's reply, where only numbered or
+    bulleted lines are items (its first line is no continuation, and closing remarks are dropped).
+    Markdown bold (``**4.** text``) is ignored.
     """
-    lines = completion.replace("\r", "").split("\n")
+    lines = completion.replace("\r", "").replace("**", "").split("\n")
     candidates: list[str] = []
     unparseable = 0
     for index, line in enumerate(lines):
@@ -34,7 +36,7 @@ def parse_completion(completion: str, *, truncated: bool = False) -> tuple[list[
         match = NUMBERED.match(line)
         if match:
             text = match.group(1)
-        elif index == 0 and not _is_preamble(line):
+        elif index == 0 and not answer and not _is_preamble(line):
             text = line
         else:
             unparseable += 1

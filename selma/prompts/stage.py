@@ -29,7 +29,9 @@ from selma.core.progress import Progress
 from selma.core.rundir import RunDir
 from selma.core.stage import StageBase, StageContext
 from selma.llm import complete
+from selma.llm.chat import uses_chat
 from selma.prompts.loop import Completion, PromptRow, SkillLoop, raise_if_short
+from selma.prompts.usage import Usage, read_round_usage, usage_report, write_round_usage
 from selma.skills import load_registry
 
 PROMPT_SCHEMA = pa.schema(
@@ -54,7 +56,8 @@ REQUEST_SCHEMA = pa.schema(
     ]
 )
 # Filtering needs only these; the LLM stage's other columns are dropped before it.
-COMPLETION_COLUMNS = ["skill", "round", "index", "completion", "truncated", "llm_error"]
+COMPLETION_COLUMNS = ["skill", "round", "index", "completion", "truncated", "llm_error", "prompt_tokens",
+                      "completion_tokens"]
 
 
 def rows_to_table(rows: list[PromptRow]) -> pa.Table:
@@ -87,6 +90,8 @@ class SkillLoopActor:
 
     async def add(self, completions: list[dict]) -> list[dict]:
         filtered = self.loop.add(Completion(**row) for row in completions)
+        if filtered:  # before the rounds' prompts: a written round always has its usage
+            write_round_usage(self.run, self.loop.name, self.loop.round_usage)
         accepted = []
         for round_number, rows in filtered:
             if rows:
@@ -100,7 +105,8 @@ class SkillLoopActor:
     async def status(self) -> dict:
         loop = self.loop
         return {"skill": loop.name, "accepted": loop.accepted, "next_round": loop.next_unrequested_round,
-                "finished": loop.finished, "failure": loop.failure(), "stats": asdict(loop.stats)}
+                "finished": loop.finished, "failure": loop.failure(), "stats": asdict(loop.stats),
+                "usage": asdict(loop.usage)}
 
 
 class BuildRequests:
@@ -132,7 +138,8 @@ class FilterCompletions:
         for row in rows:
             by_skill.setdefault(row["skill"], []).append(
                 {"round": row["round"], "index": row["index"], "text": row["completion"] or "",
-                 "truncated": bool(row["truncated"]), "error": row["llm_error"] or None})
+                 "truncated": bool(row["truncated"]), "error": row["llm_error"] or None,
+                 "prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"]})
         answers = ray.get([self.actors[skill].add.remote(items) for skill, items in by_skill.items()])
         return pa.Table.from_pylist([row for answer in answers for row in answer], schema=PROMPT_SCHEMA)
 
@@ -143,12 +150,14 @@ class PromptSession:
     def __init__(self, config, run: RunDir, progress=None):
         self.config, self.progress = config, Progress.of(progress)
         self.registry = registry = load_registry(config.skills.files)
+        self.chat = uses_chat(config.prompts)
         actor_class = ray.remote(num_cpus=0, max_restarts=0)(SkillLoopActor)
         self.actors = {}
         for name in config.skills.names:
             skill = registry[name]
             loop = SkillLoop(skill, skill.seed_prompts(config.skills.seeds_per_skill), read_prompt_rows(run, name),
-                             config.prompts, generator_name(config))
+                             config.prompts, generator_name(config), chat=self.chat,
+                             round_usage=read_round_usage(run, name))
             if loop.seed_rows:
                 run.write_table(f"prompts/{name}/round-00000.parquet", rows_to_table(loop.seed_rows))
             if loop.resumed_from:
@@ -187,7 +196,7 @@ class PromptSession:
                                       batch_format="pyarrow", num_cpus=0,
                                       compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=len(slots),
                                                                          max_concurrent_calls_per_actor=len(slots)))
-        dataset = complete(dataset, cfg, self.registry)
+        dataset = complete(dataset, cfg, self.registry, chat=self.chat)
         return dataset.map_batches(FilterCompletions, fn_constructor_args=(self.actors,), batch_size=None,
                                    batch_format="pyarrow", num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1))
 
@@ -197,9 +206,13 @@ class PromptSession:
 
     def result(self) -> dict:
         statuses = self.statuses()
+        pricing = self.config.prompts.pricing
+        usage = {s["skill"]: Usage(**s["usage"]) for s in statuses}
+        for skill, skill_usage in usage.items():
+            self.progress(f"[prompts] {skill}: {skill_usage.describe(pricing)}")
         raise_if_short([s["failure"] for s in statuses])
         return {"counts": {s["skill"]: s["accepted"] for s in statuses},
-                "stats": {s["skill"]: s["stats"] for s in statuses}}
+                "stats": {s["skill"]: s["stats"] for s in statuses}, "chat": self.chat, **usage_report(usage, pricing)}
 
     def close(self) -> None:
         self.accepted.close()
@@ -214,6 +227,9 @@ class PromptStage(StageBase):
     writes = ("prompts",)
     sections = ("skills", "prompts")
     streams_to = "images"
+
+    def preflight(self, config, run: RunDir) -> None:
+        uses_chat(config.prompts)  # prompts.chat: true on a model without a chat template is refused here
 
     def run(self, ctx: StageContext) -> dict:
         return run_prompt_stage(ctx.config, ctx.run, ctx.progress)

@@ -269,7 +269,7 @@ class ImageModel:
         """What the ingress checks requests against: the native size, and the tokenizers whose
         limits the pipeline enforces (none when the generator truncates long prompts)."""
         pipe = self.generator.pipe
-        tokenizers = [] if self.generator.settings.truncate_long_prompts else [
+        tokenizers = [] if self.generator.settings.truncate_prompts else [
             tokenizer for tokenizer in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
             if tokenizer is not None]
         return {"native_size": self.generator.resolution, "tokenizers": tokenizers}

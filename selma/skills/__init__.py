@@ -93,14 +93,21 @@ class Skill(BaseModel):
             seeds = seeds[:count]
         return seeds
 
-    def render_instruction(self, examples: list[str], num_candidates: int) -> str:
-        """The LLM request: instruction + numbered examples; the model continues the list."""
+    def render_instruction(self, examples: list[str], num_candidates: int, *, chat: bool = False) -> str:
+        """The LLM request: instruction + numbered examples, ending in the next number for the model
+        to continue the list; ``chat``: a chat model's user message, asking for the numbered list."""
+        first = len(examples) + 1
         numbered = "\n".join(f"{i}. {text}" for i, text in enumerate(examples, start=1))
-        numbered += f"\n{len(examples) + 1}."
+        if not chat:
+            numbered += f"\n{first}."
         rules = f"{self.rules.strip()} " if self.rules.strip() else ""
-        return self.instruction.format(
+        text = self.instruction.format(
             num_candidates=num_candidates, rules=rules, max_words=self.max_words, examples=numbered
         )
+        if chat:
+            text += (f"\n\nReply with the {num_candidates} new descriptions only, as a numbered list from "
+                     f"{first} to {first + num_candidates - 1}, one description per line.")
+        return text
 
 
 def load_skill_file(path: str | Path) -> Skill:

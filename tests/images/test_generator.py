@@ -35,6 +35,31 @@ def test_a_prompt_the_text_encoder_would_truncate_is_refused(generator):
         generator.generate([" ".join(["apple"] * 200)], [0])
 
 
+def _draw_rows(settings: ImagesConfig, prompts: list[str]) -> dict:
+    from selma.images.stage import GenerateImages
+
+    n = len(prompts)
+    batch = {"image_id": np.array([f"i{k}" for k in range(n)], dtype=object),
+             "prompt_id": np.array([f"p{k}" for k in range(n)], dtype=object),
+             "skill": np.array(["coco"] * n, dtype=object), "prompt": np.array(prompts, dtype=object),
+             "seed": np.arange(n, dtype=np.int64)}
+    return GenerateImages("tiny:sd", settings, num_threads=1)(batch)
+
+
+def test_with_truncate_prompts_a_long_prompt_is_drawn_and_its_row_says_it_was_cut():
+    long_prompt = " ".join(["apple"] * 200)
+    refused = _draw_rows(ImagesConfig(steps=2), [PROMPTS[0], long_prompt])
+    assert refused["error"][0] is None and "tokens" in refused["error"][1] and refused["image"][1] is None
+    assert "prompt_truncated" not in refused  # the image contract is unchanged without truncation
+    drawn = _draw_rows(ImagesConfig(steps=2, truncate_prompts=True), [PROMPTS[0], long_prompt])
+    assert list(drawn["error"]) == [None, None] and all(image is not None for image in drawn["image"])
+    assert drawn["prompt_truncated"].tolist() == [False, True]
+    # The text encoder saw the long prompt cut at its limit: the image is that of the cut prompt.
+    tokenizer_limit = 77 - 2  # words beside the start and end tokens
+    cut = " ".join(["apple"] * tokenizer_limit)
+    assert _draw_rows(ImagesConfig(steps=2, truncate_prompts=True), [PROMPTS[0], cut])["image"][1] == drawn["image"][1]
+
+
 def test_speed_options_do_not_change_the_images(generator):
     settings = ImagesConfig(steps=3, guidance_scale=7.5, channels_last=True, vae_slicing=True)
     optimized = ImageGenerator("tiny:sd", settings, device="cpu")
@@ -77,3 +102,26 @@ def test_a_lora_folder_is_fused_in_as_plain_diffusers_would(generator, tmp_path)
                       generator=[torch.Generator().manual_seed(7)], output_type="np").images[0]
     assert np.abs(drawn - reference).max() < 2 / 255
     assert np.abs(drawn - generator.generate(["a red cube"], [7])[0]).max() > 0.05
+
+
+def test_truncated_rows_are_written_with_their_column_and_load_with_hugging_face_datasets(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import yaml
+
+    from selma.config import load_config
+    from selma.core.rundir import RunDir
+    from selma.images.export import dataset_card
+    from selma.images.stage import _image_sink
+
+    drawn = _draw_rows(ImagesConfig(steps=2, truncate_prompts=True), [PROMPTS[0], " ".join(["apple"] * 200)])
+    run = RunDir(str(tmp_path / "run"))
+    _image_sink(run.uri).write([pa.table({k: list(v) for k, v in drawn.items()})], None)
+    shards = [str(p) for p in (tmp_path / "run" / "images").glob("*/*.parquet")]
+    rows = datasets.load_dataset("parquet", data_files=shards, split="train")
+    assert sorted(zip(rows["prompt_id"], rows["prompt_truncated"])) == [("p0", False), ("p1", True)]
+    card = dataset_card(load_config("tiny", ["images.truncate_prompts=true"]), {"coco": 2})
+    features = yaml.safe_load(card.split("---\n")[1])["dataset_info"]["features"]
+    assert {"name": "prompt_truncated", "dtype": "bool"} in features and "`prompt_truncated`" in card
+    plain = yaml.safe_load(dataset_card(load_config("tiny"), {"coco": 2}).split("---\n")[1])
+    assert "prompt_truncated" not in [f["name"] for f in plain["dataset_info"]["features"]]

@@ -1,8 +1,9 @@
 """A small local server speaking the OpenAI completions and chat-completions protocol.
 
 It stands in for a paid endpoint in tests: answers continue the numbered list of the request
-with phrases from selma's template generator (seeded by the request's ``seed``), and it can
-be made slow, flaky (503s), or refuse every request (401 with an OpenAI-shaped error).
+with phrases from selma's template generator (seeded by the request's ``seed``), each with a
+``usage`` (words of the prompt and of the answer, recorded in ``usages``), and it can be made
+slow, flaky (503s), or refuse every request (401 with an OpenAI-shaped error).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from selma.llm.template import TemplateBackend
 from selma.skills import load_registry
 
 LAST_NUMBER = re.compile(r"(\d+)\.\s*$")
+LIST_FROM = re.compile(r"numbered list from (\d+) to")  # a chat request (selma.skills.Skill.render_instruction)
 
 
 class FakeOpenAI:
@@ -37,6 +39,7 @@ class FakeOpenAI:
         self.respond = respond
         self.candidates = candidates
         self.requests: list[dict] = []
+        self.usages: list[dict] = []
         self.headers: list[dict] = []
         self.lock = threading.Lock()
         self.template = TemplateBackend(load_registry())
@@ -101,7 +104,7 @@ class FakeOpenAI:
         time.sleep(self.delay_s)
         chat = path.endswith("/chat/completions")
         prompt = payload["messages"][-1]["content"] if chat else payload["prompt"]
-        match = LAST_NUMBER.search(prompt)
+        match = LAST_NUMBER.search(prompt) or LIST_FROM.search(prompt)
         first_index = int(match.group(1)) if match else 1
         if self.respond is not None:
             text = self.respond(prompt)
@@ -116,5 +119,10 @@ class FakeOpenAI:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
         else:
             choice = {"index": 0, "text": text, "finish_reason": "stop"}
+        answered = choice["message"]["content"] if chat else choice["text"]
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(answered.split())}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        with self.lock:
+            self.usages.append(usage)
         return 200, {"id": f"cmpl-{random.getrandbits(32)}", "object": "chat.completion" if chat else "text_completion",
-                     "model": payload.get("model"), "choices": [choice]}
+                     "model": payload.get("model"), "choices": [choice], "usage": usage}

@@ -1,6 +1,7 @@
 import pytest
 
 from selma.config import load_config
+from selma.llm.base import LLMRequest
 from selma.llm.template import TemplateBackend
 from selma.prompts.diversity import rouge_l
 from selma.prompts.loop import Completion, SkillLoop, run_in_process
@@ -154,3 +155,88 @@ def test_the_loop_filters_with_the_configured_rouge_threshold(threshold, kept):
     assert [row.prompt for row in rows] == [THRESHOLD_CANDIDATES[i] for i in kept]
     assert loop.stats.candidates == 3 and loop.stats.rejected_similar == 3 - len(kept)
     assert loop.pool == [THRESHOLD_SEED] + [THRESHOLD_CANDIDATES[i] for i in kept]
+
+
+def test_chat_requests_ask_for_the_numbered_list_and_only_its_items_are_taken():
+    config = load_config("tiny", ["skills.names=[coco]", "prompts.per_skill=50", "prompts.requests_per_round=1"])
+    skill = load_registry()["coco"]
+    loop = SkillLoop(skill, skill.seed_prompts(3), [], config.prompts, "chat-llm", chat=True)
+    (request,) = loop.requests(1)
+    assert not request.prompt.rstrip().endswith("4.")
+    assert request.prompt.endswith("as a numbered list from 4 to 23, one description per line.")
+    assert "\n3. " in request.prompt and sum(seed in request.prompt for seed in skill.seed_prompts(3)) == 3
+    answer = ("Sure, here are some new descriptions for you to use\n4. A red kite above a quiet beach.\n"
+              "5. Two dogs chasing a ball in a park.\nEnjoy these image descriptions!")
+    (_, rows), = loop.add([Completion(1, 0, answer)])
+    assert [r.prompt for r in rows] == ["A red kite above a quiet beach.", "Two dogs chasing a ball in a park."]
+    assert loop.stats.unparseable == 2
+
+
+def test_usage_is_kept_per_round_and_a_resumed_loop_replaces_the_rounds_it_redoes():
+    from selma.prompts.usage import Usage
+
+    config = load_config("tiny", ["skills.names=[coco]", "prompts.per_skill=500", "prompts.requests_per_round=2"])
+    registry = load_registry()
+    backend = TemplateBackend(registry)
+    loop = _loops(config)[0]
+    written = list(loop.seed_rows)
+    for round_number, tokens in ((1, (10, 20)), (2, (11, 21)), (3, (None, None))):
+        requests = loop.requests(round_number)
+        texts = backend.generate(requests)
+        completions = [Completion(round_number, r.index, t, prompt_tokens=tokens[0], completion_tokens=tokens[1])
+                       for r, t in zip(requests, texts)]
+        if round_number == 3:  # a request that failed reports no tokens
+            completions[1] = Completion(3, 1, error="HTTP 500")
+        for _, rows in loop.add(completions):
+            if round_number < 3:  # round 3's prompts were lost in a crash; its usage was written first
+                written += rows
+    assert loop.round_usage == {1: Usage(2, 20, 40), 2: Usage(2, 22, 42), 3: Usage(2, None, None)}
+    assert loop.usage == Usage(6, 42, 82)
+    resumed = SkillLoop(registry["coco"], registry["coco"].seed_prompts(3), written, config.prompts, "template",
+                        round_usage=loop.round_usage)
+    assert resumed.first_round == 3 and resumed.usage == Usage(4, 42, 82)
+    requests = resumed.requests(3)
+    resumed.add([Completion(3, r.index, t, prompt_tokens=5, completion_tokens=6)
+                 for r, t in zip(requests, backend.generate(requests))])
+    assert resumed.round_usage[3] == Usage(2, 10, 12) and resumed.usage == Usage(6, 52, 94)
+
+
+def test_the_skill_actor_writes_a_rounds_usage_before_its_prompts(tmp_path, monkeypatch):
+    import asyncio
+
+    from selma.core.rundir import RunDir
+    from selma.prompts.stage import SkillLoopActor
+    from selma.prompts.usage import Usage, read_round_usage, usage_file
+
+    config = load_config("tiny", ["skills.names=[coco]", "prompts.per_skill=500", "prompts.requests_per_round=2"])
+    loop = _loops(config)[0]
+    run = RunDir(str(tmp_path / "run"))
+    actor = SkillLoopActor(loop, run.uri)
+    order = []
+    write_json, write_table = RunDir.write_json, RunDir.write_table
+    monkeypatch.setattr(RunDir, "write_json", lambda self, rel, obj: (order.append(rel), write_json(self, rel, obj)))
+    monkeypatch.setattr(RunDir, "write_table", lambda self, rel, t: (order.append(rel), write_table(self, rel, t)))
+    requests = [LLMRequest(**row) for row in asyncio.run(actor.requests(1))]
+    texts = TemplateBackend(load_registry()).generate(requests)
+    rows = [{"round": 1, "index": r.index, "text": t, "prompt_tokens": 7, "completion_tokens": 9}
+            for r, t in zip(requests, texts)]
+    assert asyncio.run(actor.add(rows))
+    assert order == [usage_file("coco"), "prompts/coco/round-00001.parquet"]
+    assert read_round_usage(run, "coco") == {1: Usage(2, 14, 18)}
+    assert asyncio.run(actor.status())["usage"] == {"requests": 2, "prompt_tokens": 14, "completion_tokens": 18}
+
+
+def test_usage_is_described_and_priced_per_skill():
+    from selma.core.config import PricingConfig
+    from selma.prompts.usage import Usage, usage_report
+
+    pricing = PricingConfig(prompt_per_1m=1.5, completion_per_1m=2.0, currency="EUR")
+    usage = Usage(12, 2_000_000, 500_000)
+    assert usage.cost(pricing) == 4.0 and usage.cost(None) is None
+    assert usage.describe(pricing) == "12 requests, 2,000,000 prompt + 500,000 completion tokens, 4.0000 EUR"
+    assert usage.describe(None) == "12 requests, 2,000,000 prompt + 500,000 completion tokens"
+    assert Usage(3).describe(pricing) == "3 requests, no token counts reported" and Usage(3).cost(pricing) is None
+    report = usage_report({"coco": usage, "whoops": Usage(1, 10, 0)}, pricing)
+    assert report["usage"]["coco"] == {"requests": 12, "prompt_tokens": 2_000_000, "completion_tokens": 500_000,
+                                       "cost": 4.0, "currency": "EUR"}
+    assert report["usage_total"]["requests"] == 13 and report["usage_total"]["prompt_tokens"] == 2_000_010

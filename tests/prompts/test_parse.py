@@ -60,3 +60,26 @@ def test_undecodable_and_control_characters_are_cleaned_or_dropped():
     candidates, unparseable = parse_completion(text)
     assert candidates == ["A red kite \ufffd\ufffd over a beach", "Two dogs[0m chasing a ball"]
     assert unparseable == 1
+
+
+def test_a_chat_models_answer_keeps_only_its_list_items():
+    answer = (
+        "Of course! I would be glad to write some for you\n"
+        "\n"
+        "4. A red bus parked next to a bakery.\n"
+        "**5.** Two **cats** asleep on a sunny windowsill.\n"
+        "6) A chef slicing bread in a small kitchen.\n"
+        "\n"
+        "Let me know if you want more descriptions like these!"
+    )
+    candidates, unparseable = parse_completion(answer, answer=True)
+    assert candidates == ["A red bus parked next to a bakery.", "Two cats asleep on a sunny windowsill.",
+                          "A chef slicing bread in a small kitchen."]
+    assert unparseable == 2
+    # As a continuation the unnumbered first line would have been taken for item 4.
+    assert parse_completion(answer)[0][0] == "Of course! I would be glad to write some for you"
+
+
+def test_a_chat_answer_cut_off_by_the_token_limit_loses_its_last_item():
+    answer = "Here you go:\n4. A kite above a beach at noon.\n5. Three dogs running across a"
+    assert parse_completion(answer, answer=True, truncated=True) == (["A kite above a beach at noon."], 2)

@@ -21,12 +21,15 @@ from selma.skills import load_registry
 pytestmark = pytest.mark.slow
 
 
-def _in_process(config) -> dict[str, list[str]]:
+def _in_process(config, requests: dict[str, int] | None = None) -> dict[str, list[str]]:
+    """The prompts the in-process loop accepts per skill; ``requests`` gets the requests it sent."""
     registry = load_registry()
     loops = [SkillLoop(registry[n], registry[n].seed_prompts(config.skills.seeds_per_skill), [], config.prompts,
                        "template") for n in config.skills.names]
     accepted: dict[str, list[str]] = {n: [] for n in config.skills.names}
     run_in_process(loops, TemplateBackend(registry), lambda loop, rnd, rows: accepted[loop.name].extend(r.prompt for r in rows))
+    if requests is not None:
+        requests.update({loop.name: loop.usage.requests for loop in loops})
     return accepted
 
 
@@ -80,12 +83,26 @@ def test_openai_endpoint_streams_prompts_into_images(ray_local, tmp_path, monkey
     assert server.released_by == "condition", "images should be drawn while prompts are still being generated"
 
 
-def test_openai_chat_endpoint(ray_local, tmp_path):
+def test_openai_chat_endpoint_records_the_usage_it_answers(ray_local, tmp_path):
+    from selma.prompts.usage import Usage
+
+    lines = []
     with FakeOpenAI(candidates=6) as server:
-        config = _openai_config(server, tmp_path / "run", "prompts.openai.api=chat", "prompts.per_skill=5")
-        run_stages(config, ("prompts",))
+        config = _openai_config(server, tmp_path / "run", "prompts.openai.api=chat", "prompts.per_skill=5",
+                                "prompts.pricing={prompt_per_1m: 1.5, completion_per_1m: 2.0}",
+                                "prompts.openai.tpm=1000000")
+        run_stages(config, ("prompts",), progress=lines.append)
     assert len(_written(tmp_path / "run", ["coco"])["coco"]) == 5
     assert all(p["messages"][0]["role"] == "user" for p in server.requests)
+    assert all("numbered list from 4 to 23" in p["messages"][0]["content"] for p in server.requests)
+    # What the endpoint reported is what run.json records, priced, and what the stage printed.
+    answered = Usage(len(server.usages), sum(u["prompt_tokens"] for u in server.usages),
+                     sum(u["completion_tokens"] for u in server.usages))
+    entry = RunDir(str(tmp_path / "run")).manifest()["stages"]["prompts"]
+    assert entry["usage"]["coco"] == answered.record(config.prompts.pricing) and answered.prompt_tokens > 0
+    assert entry["usage"]["coco"]["cost"] == round((answered.prompt_tokens * 1.5 + answered.completion_tokens * 2.0) / 1e6, 6)
+    assert entry["usage_total"] == entry["usage"]["coco"] and entry["chat"] is True
+    assert f"[prompts] coco: {answered.describe(config.prompts.pricing)}" in lines
 
 
 def test_an_endpoint_that_refuses_every_request_fails_with_its_reason(ray_local, tmp_path, monkeypatch):
@@ -135,5 +152,10 @@ def test_sigkill_mid_stage_then_rerun_reaches_exactly_n_per_skill(tmp_path):
     for skill, texts in written.items():
         assert len(texts) == len(set(texts)) == 400
         assert texts[: len(partial[skill])] == partial[skill]
-    # The loop filters whole rounds in order, so the resumed run equals an uninterrupted one.
-    assert written == _in_process(load_config("tiny", overrides))
+    # The loop filters whole rounds in order, so the resumed run equals an uninterrupted one, and so
+    # do the requests it records: none lost, none counted twice (the template backend counts no tokens).
+    uninterrupted_requests = {}
+    assert written == _in_process(load_config("tiny", overrides), uninterrupted_requests)
+    usage = RunDir(str(run_dir)).manifest()["stages"]["prompts"]["usage"]
+    assert usage == {skill: {"requests": uninterrupted_requests[skill], "prompt_tokens": None, "completion_tokens": None}
+                     for skill in ("coco", "whoops")}
