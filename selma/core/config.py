@@ -304,6 +304,16 @@ class TrainConfig(_Section):
         None, ge=1, description="experts training at once; None: as many as the cluster's resources hold, the rest queue")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
+    cache_latents: bool = Field(
+        False, description="encode each image once through the frozen VAE and text encoder(s), before the experts "
+                           "train, into RUN/cache/<key>/ (key: model, resolution, precision and the images; reused "
+                           "by every expert, by joint mode and across --restart train), and train from that: the VAE "
+                           "latent distribution is stored and sampled every step as without the cache; a flip is "
+                           "picked per sample from both cached variants (random_flip); the crop is the centre crop, "
+                           "fixed at cache time (random_crop is not applied; a no-op for square images of the "
+                           "training size, such as the images stage draws)")
+
+    hash_omits_default = frozenset({"cache_latents"})
 
     @model_validator(mode="after")
     def _batch_fits(self) -> "TrainConfig":

@@ -27,6 +27,7 @@ from selma.images.generator import native_resolution
 from selma.images.stage import count_per_skill
 from selma.merge.lora_io import save_peft_state_dict
 from selma.raylib import quiet_ray_data
+from selma.train.cache import CacheSpec, cached_rows_per_block, fill_latent_cache, read_cached
 from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
 from selma.train.step import LoraTrainStep, check_lora_targets, load_training_components, peft_lora_config
 
@@ -52,6 +53,7 @@ class ExpertJob:
     resolution: int
     train: TrainConfig
     progress_actor: str | None = None
+    cache: str | None = None  # the latent cache's folder in the run (train.cache_latents), else None
 
     @classmethod
     def from_config(cls, config, expert: str, run: RunDir, resolution: int):
@@ -96,7 +98,7 @@ def train_expert_loop(loop_config: dict) -> None:
             window_start = window_start or time.time()
             loss, stepped = trainer.train_micro_batch(batch)
             window_losses.append(loss)
-            window_samples += batch["pixel_values"].shape[0] * world_size
+            window_samples += len(next(iter(batch.values()))) * world_size
             if not stepped:
                 continue
             elapsed = max(time.time() - window_start, 1e-9)
@@ -220,16 +222,22 @@ def fit_expert(job: ExpertJob) -> dict:
     quiet_ray_data()
     t = job.train
     run = RunDir(job.run_uri)
-    files = [f for skill in job.skills for f in run.list_files("images", skill)]
+    files = [f for skill in job.skills for f in run.list_files(job.cache or "images", skill)]
     rows = sum(run.parquet_rows(f) for f in files)
     samples = t.max_steps * t.effective_batch_size
     plan = epoch_plan(files, max(1, math.ceil(samples / max(rows, 1))), derived_seed(t.seed, job.name, "epochs"))
+    report_skipped = _skip_reporter(_progress_board(job.progress_actor))
+    if job.cache:
+        read, read_kwargs = read_cached, {"rows_per_batch": cached_rows_per_block(run, files, t.batch_size),
+                                          "random_flip": t.random_flip}
+    else:
+        read, read_kwargs = read_and_prepare, {"model": job.model, "resolution": job.resolution,
+                                               "rows_per_batch": rows_per_block(job.resolution, t.batch_size),
+                                               "random_crop": t.random_crop, "random_flip": t.random_flip}
     dataset = ray.data.from_items(plan, override_num_blocks=min(len(plan), 1000)).map_batches(
-        read_and_prepare,
+        read,
         compute=ray.data.TaskPoolStrategy(size=t.data_workers),
-        fn_kwargs={"run_uri": job.run_uri, "model": job.model, "resolution": job.resolution,
-                   "rows_per_batch": rows_per_block(job.resolution, t.batch_size), "random_crop": t.random_crop, "random_flip": t.random_flip,
-                   "report_skipped": _skip_reporter(_progress_board(job.progress_actor))},
+        fn_kwargs={"run_uri": job.run_uri, "report_skipped": report_skipped, **read_kwargs},
         batch_size=16,  # files per call; their rows are re-batched into blocks of rows_per_block
         num_cpus=t.data_cpus,
         batch_format="numpy",
@@ -333,6 +341,13 @@ def run_train_stage(config, run: RunDir, progress=None) -> dict:
     already = [name for name in jobs if name not in todo]
     if already:
         progress(f"[train] experts already trained, skipped: {', '.join(already)}")
+    cache = None
+    if t.cache_latents and todo:
+        spec = CacheSpec.for_run(config, run, resolution)
+        cache = fill_latent_cache(run, spec, sorted({s for name in todo for s in jobs[name].skills}),
+                                  resources=t.resources, actors=at_once * t.resources.workers,
+                                  batch_size=t.batch_size, progress=progress)
+        jobs = {name: replace(job, cache=spec.folder) for name, job in jobs.items()}
     board_name = f"{PROGRESS_ACTOR}-{time.time_ns()}"
     board = _progress_actor_class().options(name=board_name).remote()
     launch = ray.remote(num_cpus=0)(fit_expert)
@@ -380,7 +395,8 @@ def run_train_stage(config, run: RunDir, progress=None) -> dict:
     if failures:
         raise RuntimeError(f"train: expert(s) failed: {failures}")
     return {"experts": finished, "resolution": resolution, "mode": t.mode,
-            "skipped_images": {skill: rows[:100] for skill, rows in skipped.items()}}
+            "skipped_images": {skill: rows[:100] for skill, rows in skipped.items()},
+            **({"latent_cache": cache} if cache else {})}
 
 
 def _image_counts(run: RunDir) -> dict[str, int]:

@@ -138,7 +138,9 @@ def encode_text(components: TrainingComponents, batch: dict) -> tuple[Any, dict]
 def diffusion_loss(components: TrainingComponents, batch: dict, generator=None, unet=None):
     """Noise-prediction MSE for one batch of ``pixel_values`` in [-1, 1] plus token ids.
 
-    A batch may instead carry ``latents`` (already scaled by the VAE's ``scaling_factor``) and
+    A batch may instead carry ``latent_moments`` (the VAE's latent distribution: mean and log-variance
+    stacked on the channel axis, as ``selma.train.cache`` stores it) or ``latents`` (already scaled by
+    the VAE's ``scaling_factor``), and
     ``encoder_hidden_states`` (plus ``text_embeds`` and ``add_time_ids`` for SDXL): the frozen encoders
     are then skipped. ``unet`` overrides ``components.unet`` for the forward pass (a DDP or DeepSpeed
     wrapper of it).
@@ -148,7 +150,12 @@ def diffusion_loss(components: TrainingComponents, batch: dict, generator=None, 
 
     vae, scheduler = components.vae, components.noise_scheduler
     unet = unet if unet is not None else components.unet
-    if "latents" in batch:
+    if "latent_moments" in batch:  # cached: the VAE's latent distribution, sampled here as vae.encode's would be
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        moments = batch["latent_moments"].to(components.device, components.weight_dtype)
+        latents = DiagonalGaussianDistribution(moments).sample(generator) * vae.config.scaling_factor
+    elif "latents" in batch:
         latents = batch["latents"].to(components.device, components.weight_dtype)
     else:
         pixels = batch["pixel_values"].to(components.device, components.weight_dtype)
@@ -204,6 +211,12 @@ def deepspeed_config(train: TrainConfig) -> dict:
     }
 
 
+def uses_autocast(train: TrainConfig) -> bool:
+    """Whether the train step runs under torch autocast (mixed precision without DeepSpeed, which
+    casts by itself); anything computing what the step would compute must do the same."""
+    return train.mixed_precision != "no" and train.strategy != "deepspeed"
+
+
 class LoraTrainStep:
     """One expert's optimisation: ``train_micro_batch`` until ``step`` reaches the target.
 
@@ -236,8 +249,7 @@ class LoraTrainStep:
             raise ValueError(f"unknown train.strategy {train.strategy!r}; expected 'deepspeed' or 'ddp'")
         device = torch.device(components.device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.autocast = torch.autocast(device.type, dtype=components.weight_dtype,
-                                       enabled=train.mixed_precision != "no" and self.engine is None)
+        self.autocast = torch.autocast(device.type, dtype=components.weight_dtype, enabled=uses_autocast(train))
         self.step = 0
         self._micro_steps = 0
 

@@ -98,8 +98,20 @@ def test_ddp_two_workers_experts_queue_when_only_one_fits_and_an_undecodable_ima
     assert "coco" not in stage["skipped_images"]
 
 
-def test_joint_mode_trains_one_lora_on_every_skill_and_merge_passes_it_through(run_dir):
-    out = _ok(_selma("run", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "train.mode=joint", "train.max_steps=2"))
+def test_joint_mode_from_cached_latents_trains_one_lora_on_every_skill_and_merge_passes_it_through(run_dir):
+    # The cache's reuse across runs and its equivalence to the uncached loss are tested Ray-free
+    # (tests/train/test_cache.py); here it is filled and read by the real stage.
+    out = _ok(_selma("run", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "train.mode=joint", "train.max_steps=2",
+                     "train.cache_latents=true"))
+    assert "0 images cached already, 16 to encode" in out and "latent cache: encoded 16 images" in out
+    (cache,) = (run_dir / "cache").iterdir()
+    for skill in ("coco", "whoops"):
+        images = pq.read_table(run_dir / "images" / skill, columns=["image_id"]).column("image_id").to_pylist()
+        rows = pq.read_table(cache / skill, columns=["image_id", "error"]).to_pylist()
+        assert sorted(r["image_id"] for r in rows) == sorted(images) and not any(r["error"] for r in rows)
+    stage = json.loads((run_dir / "run.json").read_text())["stages"]["train"]
+    assert stage["latent_cache"]["key"] == cache.name and stage["latent_cache"]["encoded"] == 16
+    assert [m["step"] for m in _metrics(run_dir, "joint")] == [1, 2]
     assert not (run_dir / "experts" / "coco").exists()
     assert '"skills": [\n    "coco",\n    "whoops"\n  ]' in (run_dir / "experts" / "joint" / "README.md").read_text()
     from safetensors.torch import load_file
