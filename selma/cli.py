@@ -79,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("out")
     folder.add_argument("--skill", action="append", help="only this skill (repeatable)")
 
+    from selma.core.expert_steps import LAST
+
+    def step_argument(text: str) -> int | str:
+        if text == LAST or (text.isdigit() and int(text) > 0):
+            return text if text == LAST else int(text)
+        raise argparse.ArgumentTypeError(f"expected a step number or {LAST!r}, got {text!r}")
+
+    experts = commands.add_parser("experts", help="list a run's experts and their checkpoints, or export one step of them")
+    experts_commands = experts.add_subparsers(dest="experts_command", required=True)
+    experts_list = experts_commands.add_parser(
+        "list", help="each expert's exported steps and the loss at each, and the one train.select merges")
+    experts_list.add_argument("run_dir")
+    experts_export = experts_commands.add_parser(
+        "export", help="write each expert's LoRA at one step to OUT/<name>/, a folder plain diffusers loads")
+    experts_export.add_argument("run_dir")
+    experts_export.add_argument("--step", required=True, type=step_argument,
+                                help="a checkpoint's step, or last (each expert's latest)")
+    experts_export.add_argument("--expert", action="append", help="only this expert (repeatable; default: all)")
+    experts_export.add_argument("--out", required=True, help="output folder")
+
     config = commands.add_parser("config", help="show or validate a config")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     _add_config_arguments(config_commands.add_parser("show", help="print the fully resolved config as YAML"))
@@ -217,6 +237,19 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_experts(args) -> int:
+    from selma.core.rundir import RunDir
+    from selma.train.checkpoints import export_experts, format_listing
+
+    run = RunDir(args.run_dir)
+    if args.experts_command == "list":
+        print(format_listing(run))
+        return 0
+    for name, exported in export_experts(run, args.step, args.expert, args.out).items():
+        print(f"{name}: step {exported.step} → {os.path.join(args.out, name)}")
+    return 0
+
+
 def _cmd_world(args) -> int:
     from selma.config import load_config
     from selma.core.config import format_validation_error, parse_override
@@ -260,7 +293,7 @@ def _cmd_merge_adapters(args) -> int:
     return 0
 
 
-COMMANDS = {"merge-adapters": _cmd_merge_adapters, "world": _cmd_world, "eval": _cmd_eval, "export": _cmd_export, "config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
+COMMANDS = {"merge-adapters": _cmd_merge_adapters, "experts": _cmd_experts, "world": _cmd_world, "eval": _cmd_eval, "export": _cmd_export, "config": _cmd_config, "models": _cmd_models, "skills": _cmd_skills, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from selma.core.errors import ConfigError
+from selma.core.expert_steps import parse_select
 
 PRESETS_DIR = Path(__file__).parent.parent / "configs"
 DEFAULT_SKILLS = ["coco", "localized_narratives", "countbench", "whoops", "diffusiondb"]
@@ -273,6 +274,8 @@ class TrainConfig(_Section):
                      "resources_per_worker": "custom"}
     # Each worker trains on its own shard, and the gradient accumulation follows the worker count.
     hashed_resources = frozenset({"workers"})
+    # Training ignores ``select``; the merge stage hashes it (MergeStage.sections).
+    unhashed = frozenset({"select"})
 
     mode: Literal["experts", "joint"] = Field(
         "experts", description="experts: one LoRA per skill (SELMA); joint: one LoRA on all skills' data (the paper's baseline)")
@@ -299,7 +302,12 @@ class TrainConfig(_Section):
                                  description="each expert's Ray Train workers (data parallel)")
     data_cpus: float = Field(1, gt=0, description="CPUs per Ray Data task that decodes and tokenises")
     data_workers: int = Field(4, ge=1, description="concurrent Ray Data preprocessing tasks per expert")
-    checkpoint_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(
+        500, ge=1, description="steps between checkpoints: Ray Train's (for resuming) and the expert's LoRA at "
+                               "that step, in experts/<name>/checkpoints/step-<N>/")
+    select: str = Field(
+        "last", description="which step of each expert the merge stage merges: last (the final experts) or step:N "
+                            "(the checkpoint at step N: a multiple of checkpoint_every, or max_steps)")
     max_concurrent_experts: int | None = Field(
         None, ge=1, description="experts training at once; None: as many as the cluster's resources hold, the rest queue")
     max_failures: int = Field(2, ge=0)
@@ -314,6 +322,12 @@ class TrainConfig(_Section):
                            "training size, such as the images stage draws)")
 
     hash_omits_default = frozenset({"cache_latents"})
+
+    @field_validator("select", mode="before")
+    @classmethod
+    def _select(cls, value: Any) -> str:
+        parse_select(value)
+        return value
 
     @model_validator(mode="after")
     def _batch_fits(self) -> "TrainConfig":

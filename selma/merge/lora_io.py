@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from pyarrow.fs import LocalFileSystem, copy_files
 from safetensors import SafetensorError, safe_open
 
 from selma.core.errors import InputError
@@ -45,11 +46,14 @@ from selma.core.errors import InputError
 if TYPE_CHECKING:
     import torch
 
+    from selma.core.rundir import RunDir
+
 # peft and safetensors.torch (both import torch) are imported in the functions that use them (cheap
 # import): selma.merge.methods imports this module, and selma.config and `selma --help` import that one.
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CONFIG_NAME = "adapter_config.json"
+ADAPTER_FILES = (WEIGHT_NAME, CONFIG_NAME)  # what a LoRA folder needs; it may hold more (checkpoints, images)
 UNET_PREFIX = "unet."
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 SELMA_METADATA_KEY = "selma"
@@ -315,6 +319,18 @@ def _strip_wrapper_prefixes(key: str) -> str:
 def _plain_cpu_tensor(tensor: "torch.Tensor") -> "torch.Tensor":
     # safetensors refuses views of shared storage and non-contiguous tensors.
     return tensor.detach().to("cpu").contiguous().clone()
+
+
+def copy_adapter_files(run: "RunDir", relative: str, local_dir: str | os.PathLike) -> Path:
+    """Copy the adapter files of the LoRA folder ``relative`` of ``run`` (a run directory, local or on an
+    object store) into ``local_dir``, leaving out whatever else the folder holds. Returns ``local_dir``."""
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        if run.exists(relative, name):
+            copy_files(run.path(relative, name), str(local_dir / name), source_filesystem=run.fs,
+                       destination_filesystem=LocalFileSystem())
+    return local_dir
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:

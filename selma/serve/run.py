@@ -10,6 +10,7 @@ from selma.config import build_config
 from selma.core.config import apply_override, parse_override, upgrade_recorded_config
 from selma.core.errors import ConfigError
 from selma.core.rundir import RunDir
+from selma.merge.lora_io import WEIGHT_NAME
 from selma.raylib import init_ray
 from selma.serve.app import BASE_MODEL_NAME, build_app, proxy_host, serve_run
 
@@ -40,7 +41,7 @@ def run_adapters(config, run: RunDir) -> dict[str, str]:
     if run.stage("merge").get("status") == "committed":
         adapters["merged"] = where("merged")
     for name in config.expert_names:
-        if run.exists("experts", name):
+        if run.exists("experts", name, WEIGHT_NAME):  # a training expert's folder holds only its checkpoints
             adapters[f"expert-{name}"] = where("experts", name)
     return adapters
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from selma.core.config import JOINT_EXPERT
 from selma.core.errors import ConfigError
+from selma.core.expert_steps import CHECKPOINTS_DIR, check_select
 from selma.core.ids import derived_seed
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir
@@ -28,6 +29,7 @@ from selma.images.stage import count_per_skill
 from selma.merge.lora_io import save_peft_state_dict
 from selma.raylib import quiet_ray_data
 from selma.train.cache import CacheSpec, cached_rows_per_block, fill_latent_cache, read_cached
+from selma.train.checkpoints import write_checkpoint
 from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
 from selma.train.step import LoraTrainStep, check_lora_targets, load_training_components, peft_lora_config
 
@@ -109,6 +111,9 @@ def train_expert_loop(loop_config: dict) -> None:
             if board is not None:
                 board.update.remote(job.name, trainer.step, t.max_steps, record["loss"])
             if trainer.step % t.checkpoint_every == 0 or trainer.step == t.max_steps:
+                # The exported LoRA first: a step Ray Train resumes from always has its export.
+                write_checkpoint(trainer, rank, run_uri=job.run_uri, expert=job.name, base_model=job.model,
+                                 loss=record["loss"])
                 _report_checkpoint(trainer, rank, metrics)
             if trainer.step >= t.max_steps:
                 break
@@ -142,7 +147,7 @@ def _write_expert(job: ExpertJob, lora_state: dict, metrics: list[dict]) -> None
                              extra_metadata={"skill": job.name, "steps": str(job.train.max_steps)})
         (directory / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         (directory / "README.md").write_text(model_card(job, metrics))
-        RunDir(job.run_uri).put_dir(directory, f"experts/{job.name}")
+        RunDir(job.run_uri).put_dir(directory, f"experts/{job.name}", keep=(CHECKPOINTS_DIR, "validation"))
 
 
 def model_card(job: ExpertJob, metrics: list[dict]) -> str:
@@ -301,6 +306,7 @@ def preflight_train(config) -> None:
         check_lora_targets(config.model, config.train)
     except ValueError as err:
         raise ConfigError(f"{err}") from None
+    check_select(config.train)  # the merge stage's, checked here too: a run fails before it trains
 
 
 class TrainStage(StageBase):

@@ -38,6 +38,20 @@ def test_the_run_serves_base_merged_and_every_expert(finished_run):
                                          "expert-whoops": str(finished_run / "experts" / "whoops")}
 
 
+def test_an_expert_still_training_is_not_served(finished_run, tmp_path):
+    import shutil
+
+    from selma.serve.run import load_run_config, run_adapters
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    checkpoint = run_dir / "experts" / "whoops" / "checkpoints" / "step-000006"
+    shutil.copytree(finished_run / "experts" / "whoops", checkpoint)
+    (run_dir / "experts" / "whoops" / "pytorch_lora_weights.safetensors").unlink()  # only its checkpoints so far
+    config, run = load_run_config(str(run_dir))
+    assert sorted(run_adapters(config, run)) == ["expert-coco", "merged"]
+
+
 def test_app_builder_takes_the_run_and_typed_overrides(finished_run):
     from ray.serve import Application
 

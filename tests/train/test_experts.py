@@ -47,7 +47,8 @@ def _metrics(run_dir: Path, expert: str) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "experts" / expert / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_expert_loads_in_diffusers(run_dir: Path, expert: str) -> None:
+def _assert_expert_loads_in_diffusers(run_dir: Path, expert: str, folder: str = "") -> None:
+    """``experts/<expert>/<folder>`` loads in plain diffusers and changes the UNet's output."""
     import torch
     from diffusers import DiffusionPipeline
 
@@ -59,12 +60,20 @@ def _assert_expert_loads_in_diffusers(run_dir: Path, expert: str) -> None:
     hidden = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
     with torch.no_grad():
         before = pipe.unet(sample, 500, hidden).sample
-        pipe.load_lora_weights(str(run_dir / "experts" / expert))
+        pipe.load_lora_weights(str(run_dir / "experts" / expert / folder))
         after = pipe.unet(sample, 500, hidden).sample
     assert not torch.allclose(before, after, rtol=0, atol=1e-7), "the LoRA changed nothing"
 
 
+def _exported_steps(run_dir: Path, expert: str) -> list[str]:
+    # A write the killed driver left half-done stays in a hidden staging folder, which readers skip.
+    return sorted(p.name for p in (run_dir / "experts" / expert / "checkpoints").iterdir() if not p.name.startswith("."))
+
+
 def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir):
+    import torch
+    from safetensors.torch import load_file
+
     out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "train.strategy=deepspeed",
                      "train.zero_stage=2", "train.resources.workers=2", "train.resources.cpus=0.5", "train.max_steps=4"))
     assert "at a time" not in out  # both experts fit the cluster: nothing queued
@@ -73,6 +82,13 @@ def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir):
         card = (run_dir / "experts" / expert / "README.md").read_text()
         assert '"strategy": "deepspeed"' in card and '"workers": 2' in card and "base_model: tiny:sd" in card
         _assert_expert_loads_in_diffusers(run_dir, expert)
+        # Rank 0 of the two exported the LoRA at each checkpoint; the last is the final expert.
+        assert _exported_steps(run_dir, expert) == ["step-000002", "step-000004"]
+        for step in (2, 4):
+            _assert_expert_loads_in_diffusers(run_dir, expert, f"checkpoints/step-{step:06d}")
+        final = load_file(run_dir / "experts" / expert / "pytorch_lora_weights.safetensors")
+        last = load_file(run_dir / "experts" / expert / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors")
+        assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
     checkpoints = sorted(p for p in (run_dir / "_work" / "train" / "expert-coco").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2  # num_to_keep
     latest = checkpoints[-1]
@@ -220,6 +236,8 @@ def test_a_rerun_after_the_driver_dies_resumes_and_then_a_killed_worker_is_repla
     assert checkpointed <= resumes[0] < resumes[1] < 30
     for expert in ("coco", "whoops"):
         assert [m["step"] for m in _metrics(run_dir, expert)] == list(range(1, 31))
+        # Steps exported before the driver died and again after the resume are there once each.
+        assert _exported_steps(run_dir, expert) == [f"step-{step:06d}" for step in range(2, 31, 2)]
 
 
 def _corrupt_one_image(run_dir: Path, skill: str) -> str:
