@@ -205,8 +205,8 @@ def _cmd_serve(args) -> int:
 
 def _cmd_eval(args) -> int:
     from selma.config import load_config
-    from selma.pipeline import run_eval
     from selma.core.rundir import RunDir
+    from selma.pipeline import run_eval
     from selma.serve.run import load_run_config
 
     overrides = list(args.overrides)
@@ -229,8 +229,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from selma.images.export import export_imagefolder
     from selma.core.rundir import RunDir
+    from selma.images.export import export_imagefolder
 
     count = export_imagefolder(RunDir(args.run_dir), args.out, args.skill)
     print(f"exported {count} images to {args.out} (metadata.jsonl: file_name, text)")

@@ -23,8 +23,8 @@ def tiny_config(run_dir, *overrides: str):
 def committed_run(run_dir, stages=("prompts", "images"), *overrides: str, experts: bool = False):
     """A run whose ``stages`` are committed under the tiny config (plus overrides), with a prompts
     shard and, if asked, two random tiny:sd experts. Returns its config."""
-    from selma.pipeline import record_config, stage_hashes
     from selma.core.rundir import RunDir
+    from selma.pipeline import record_config, stage_hashes
 
     config = tiny_config(run_dir, *overrides)
     run, hashes = RunDir(str(run_dir)), stage_hashes(config)

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from run_helpers import SKILLS_OVERRIDE, committed_run, snapshot
+
 from selma.cli import main
 
 

@@ -74,8 +74,8 @@ def test_experts_trained_and_load_in_plain_diffusers(finished_run):
     import torch
     from diffusers import DiffusionPipeline
 
-    from selma.merge.lora_io import read_lora
     from selma.core.models import resolve_model
+    from selma.merge.lora_io import read_lora
 
     run_dir, _ = finished_run
     pipe = DiffusionPipeline.from_pretrained(resolve_model("tiny:sd"))

@@ -20,8 +20,8 @@ def test_a_refused_command_leaves_run_json_byte_identical(tmp_path):
 
 
 def test_a_later_stage_made_under_another_config_refuses_before_earlier_stages_run(tmp_path):
-    from selma.pipeline import plan_stages
     from selma.core.rundir import RunDir, RunDirError
+    from selma.pipeline import plan_stages
 
     run = tmp_path / "run"
     committed_run(run, ("prompts", "images", "train"))

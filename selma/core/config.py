@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal, get_args
 
@@ -268,14 +269,54 @@ class ImagesConfig(_Section):
 
 JOINT_EXPERT = "joint"
 
+TRACKING_SETTINGS = {"mlflow": ("tracking_uri", "experiment_name"), "tensorboard": ("log_dir",),
+                     "wandb": ("project", "entity", "mode")}
+
+
+class TrackingConfig(_Section):
+    """Where the train stage logs each expert's metrics (and validation images): one tracking run
+    per expert, named ``<run name>/<expert>``."""
+
+    backend: Literal["mlflow", "tensorboard", "wandb"]
+    tracking_uri: str | None = Field(
+        None, description="mlflow: a server (http://host:5000), sqlite:///mlflow.db or a folder; None: RUN/_work/mlflow")
+    experiment_name: str | None = Field(None, description="mlflow: None: the run's name")
+    log_dir: str | None = Field(None, description="tensorboard: None: RUN/_work/tensorboard")
+    project: str | None = Field(None, description="wandb: None: the run's name")
+    entity: str | None = Field(None, description="wandb: team or user; None: the API key's default")
+    mode: Literal["online", "offline"] = Field("online", description="wandb: offline writes locally for `wandb sync`")
+
+    @field_validator("tracking_uri", "log_dir")
+    @classmethod
+    def _absolute_folder(cls, value: str | None) -> str | None:
+        # The workers run in Ray's session folders: a relative folder means one relative to here.
+        if value is None or re.match(r"^[A-Za-z][\w+.-]*:", value):
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_name_alone(cls, data: Any) -> Any:
+        return {"backend": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _own_settings_only(self) -> "TrackingConfig":
+        foreign = sorted(name for backend, names in TRACKING_SETTINGS.items() if backend != self.backend
+                         for name in names if not _is_default(self, name))
+        if foreign:
+            raise ValueError(f"{foreign} are not settings of backend {self.backend!r} "
+                             f"(its settings: {list(TRACKING_SETTINGS[self.backend])})")
+        return self
+
 
 class TrainConfig(_Section):
     replaced_keys = {"num_workers": "workers", "use_gpu": "gpus", "cpus_per_worker": "cpus",
                      "resources_per_worker": "custom"}
     # Each worker trains on its own shard, and the gradient accumulation follows the worker count.
     hashed_resources = frozenset({"workers"})
-    # Training ignores ``select``; the merge stage hashes it (MergeStage.sections).
-    unhashed = frozenset({"select"})
+    # Training ignores ``select`` (the merge stage hashes it: MergeStage.sections); tracking and
+    # validation images read the training state and never change it.
+    unhashed = frozenset({"select", "tracking", "validate_every", "validation_prompts", "validation_steps"})
 
     mode: Literal["experts", "joint"] = Field(
         "experts", description="experts: one LoRA per skill (SELMA); joint: one LoRA on all skills' data (the paper's baseline)")
@@ -312,6 +353,14 @@ class TrainConfig(_Section):
         None, ge=1, description="experts training at once; None: as many as the cluster's resources hold, the rest queue")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
+    tracking: TrackingConfig | None = Field(
+        None, description="log each expert's loss, lr, samples/s and grad norm (and validation images) to "
+                          "mlflow, tensorboard or wandb; None: off")
+    validate_every: int | None = Field(
+        None, ge=1, description="draw validation images with the LoRA being trained every this many steps and "
+                                "at the last, into experts/<name>/validation/; None: off")
+    validation_prompts: int = Field(4, ge=1, description="validation images: the expert's skill's first prompts by prompt_id")
+    validation_steps: int | None = Field(None, ge=1, description="validation images' denoising steps; None: images.steps")
     cache_latents: bool = Field(
         False, description="encode each image once through the frozen VAE and text encoder(s), before the experts "
                            "train, into RUN/cache/<key>/ (key: model, resolution, precision and the images; reused "
@@ -339,6 +388,9 @@ class TrainConfig(_Section):
             )
         if self.strategy == "deepspeed" and self.mixed_precision == "fp16" and not self.resources.gpus:
             raise ValueError("mixed_precision fp16 needs a GPU (resources.gpus); use bf16 or no on CPU")
+        if self.validate_every and self.strategy == "deepspeed" and self.zero_stage == 3:
+            raise ValueError("validate_every: validation images are not drawn under zero_stage 3 (the LoRA "
+                             "weights are partitioned across workers); use zero_stage 2 or strategy ddp")
         return self
 
     @property

@@ -32,6 +32,8 @@ from selma.train.cache import CacheSpec, cached_rows_per_block, fill_latent_cach
 from selma.train.checkpoints import write_checkpoint
 from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
 from selma.train.step import LoraTrainStep, check_lora_targets, load_training_components, peft_lora_config
+from selma.train.tracking import ExpertMonitor, TrackingTarget, check_tracking, open_tracker
+from selma.train.validation import ValidationPlan, Validator, validation_plan
 
 # Ray Train, torch and the train step's libraries are imported where used: the pipeline imports
 # every stage module, and the vLLM venv that runs the prompt stage has no diffusers or peft.
@@ -56,13 +58,16 @@ class ExpertJob:
     train: TrainConfig
     progress_actor: str | None = None
     cache: str | None = None  # the latent cache's folder in the run (train.cache_latents), else None
+    run_name: str = "selma"
+    validation: ValidationPlan | None = None
 
     @classmethod
     def from_config(cls, config, expert: str, run: RunDir, resolution: int):
         joint = expert == JOINT_EXPERT and config.train.mode == "joint"
         skills = tuple(config.skills.names) if joint else (expert,)
         return cls(name=expert, skills=skills, model=config.model, run_uri=run.uri, resolution=resolution,
-                   train=config.train)
+                   train=config.train, run_name=config.name,
+                   validation=validation_plan(config, skills, run, resolution))
 
 
 def train_expert_loop(loop_config: dict) -> None:
@@ -90,6 +95,7 @@ def train_expert_loop(loop_config: dict) -> None:
     board = _progress_board(job.progress_actor) if rank == 0 else None
     if checkpoint and board is not None:
         board.resumed.remote(job.name, trainer.step)
+    monitor = expert_monitor(job, trainer.step) if rank == 0 else ExpertMonitor()
     shard = ray.train.get_dataset_shard("train")
     window_start, window_samples, window_losses = None, 0, []
     while trainer.step < t.max_steps:
@@ -105,8 +111,10 @@ def train_expert_loop(loop_config: dict) -> None:
                 continue
             elapsed = max(time.time() - window_start, 1e-9)
             record = {"step": trainer.step, "loss": sum(window_losses) / len(window_losses),
-                      "lr": t.learning_rate, "samples_per_s": round(window_samples / elapsed, 3)}
+                      "lr": t.learning_rate, "samples_per_s": round(window_samples / elapsed, 3),
+                      "grad_norm": trainer.grad_norm}
             metrics.append(record)
+            monitor.after_step(trainer, record)
             window_start, window_samples, window_losses = time.time(), 0, []
             if board is not None:
                 board.update.remote(job.name, trainer.step, t.max_steps, record["loss"])
@@ -119,9 +127,28 @@ def train_expert_loop(loop_config: dict) -> None:
                 break
         if batches == 0:
             raise RuntimeError(f"expert {job.name!r}: its data yields no full batch of {t.batch_size}")
+    monitor.close()
     state = trainer.lora_state_dict()  # a collective under ZeRO-3: every rank takes part
     if rank == 0:
         _write_expert(job, state, metrics)
+
+
+def expert_monitor(job: ExpertJob, resumed_step: int = 0) -> ExpertMonitor:
+    """Rank 0's tracker and validator of ``job`` (either may be off); a fresh start (step 0)
+    removes an earlier attempt's validation images."""
+    t = job.train
+    tracker = None
+    if t.tracking is not None:
+        params = {"expert": job.name, "skills": list(job.skills), "model": job.model, "resolution": job.resolution,
+                  "train": t.model_dump(mode="json", exclude={"tracking"})}
+        tracker = open_tracker(t.tracking, TrackingTarget(job.run_name, job.run_uri, job.name, params, resumed_step))
+    validator = None
+    if job.validation is not None:
+        validator = Validator(job.validation, model=job.model, run_uri=job.run_uri, expert=job.name,
+                              max_steps=t.max_steps, mixed_precision=t.mixed_precision)
+        if resumed_step == 0:
+            validator.clear()
+    return ExpertMonitor(tracker, validator)
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -300,13 +327,15 @@ def experts_at_once(config) -> int:
     return max(1, min(int(total.get(kind, 0) // amount) for kind, amount in need.items() if amount > 0))
 
 
-def preflight_train(config) -> None:
-    """Checks of the train settings against the model, before any stage of the run starts."""
+def preflight_train(config, run: RunDir | None = None) -> None:
+    """Checks of the train settings against the model (and the tracking backend against this
+    environment), before any stage of the run starts."""
     try:
         check_lora_targets(config.model, config.train)
     except ValueError as err:
         raise ConfigError(f"{err}") from None
     check_select(config.train)  # the merge stage's, checked here too: a run fails before it trains
+    check_tracking(config.train.tracking, run or RunDir(config.resolved_run_dir()))
 
 
 class TrainStage(StageBase):
@@ -319,7 +348,7 @@ class TrainStage(StageBase):
     needs = "images"
 
     def preflight(self, config, run: RunDir) -> None:
-        preflight_train(config)
+        preflight_train(config, run)
 
     def run(self, ctx: StageContext) -> dict:
         return run_train_stage(ctx.config, ctx.run, ctx.progress)

@@ -252,6 +252,7 @@ class LoraTrainStep:
         self.autocast = torch.autocast(device.type, dtype=components.weight_dtype, enabled=uses_autocast(train))
         self.step = 0
         self._micro_steps = 0
+        self.grad_norm: float | None = None  # the last optimizer step's gradient norm, before clipping
 
     def train_micro_batch(self, batch: dict) -> tuple[float, bool]:
         """Forward, backward and (at an accumulation boundary) an optimizer step.
@@ -267,11 +268,14 @@ class LoraTrainStep:
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.backward(loss)
             self.engine.step()
+            if boundary:  # None where DeepSpeed's optimizer does not compute it (ZeRO 0 in fp32)
+                norm = self.engine.get_global_grad_norm()
+                self.grad_norm = None if norm is None else float(norm)
         else:
             (loss / self.train_config.gradient_accumulation_steps).backward()
             boundary = self._micro_steps % self.train_config.gradient_accumulation_steps == 0
             if boundary:
-                torch.nn.utils.clip_grad_norm_(self.parameters, self.train_config.max_grad_norm)
+                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, self.train_config.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if boundary:

@@ -46,13 +46,44 @@ sample test prompts with ``sample_scenes(kind, n, seed, split="test")``.
 
 from pathlib import Path
 
-from selma.world.captions import (WorldCaptionError, caption_of, concept_key, format_caption, is_training_caption,
-                                  is_world_caption, parse_caption, sample_scenes, scene_seed, split_of)
-from selma.world.evaluator import (Detection, WorldAccuracyScorer, WorldEvaluator, WorldQuestionError, WorldVQA,
-                                   answer_question, detect, question_rows, questions)
+from selma.world.captions import (
+                                  WorldCaptionError,
+                                  caption_of,
+                                  concept_key,
+                                  format_caption,
+                                  is_training_caption,
+                                  is_world_caption,
+                                  parse_caption,
+                                  sample_scenes,
+                                  scene_seed,
+                                  split_of,
+)
+from selma.world.evaluator import (
+                                  Detection,
+                                  WorldAccuracyScorer,
+                                  WorldEvaluator,
+                                  WorldQuestionError,
+                                  WorldVQA,
+                                  answer_question,
+                                  detect,
+                                  question_rows,
+                                  questions,
+)
 from selma.world.render import render, render_image
-from selma.world.scene import (COLORS, KINDS, RELATIONS, SHAPES, SKILL_KINDS, Entity, Relation, Scene, SceneGraph,
-                               WorldObject, sample_scene, skill_scene)
+from selma.world.scene import (
+                                  COLORS,
+                                  KINDS,
+                                  RELATIONS,
+                                  SHAPES,
+                                  SKILL_KINDS,
+                                  Entity,
+                                  Relation,
+                                  Scene,
+                                  SceneGraph,
+                                  WorldObject,
+                                  sample_scene,
+                                  skill_scene,
+)
 
 SKILL_DIR = Path(__file__).resolve().parent.parent / "skills" / "builtin" / "world"
 SKILL_FILES = [str(SKILL_DIR / f"{name}.yaml") for name in sorted(SKILL_KINDS)]

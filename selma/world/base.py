@@ -27,8 +27,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 from pydantic import BaseModel, ConfigDict, Field
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

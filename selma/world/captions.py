@@ -28,8 +28,19 @@ import re
 
 import numpy as np
 
-from selma.world.scene import (COLORS, KINDS, MAX_OBJECTS, NUMBER_WORDS, RELATIONS, SHAPES, Entity, Relation,
-                               Scene, SceneGraph, sample_scene)
+from selma.world.scene import (
+    COLORS,
+    KINDS,
+    MAX_OBJECTS,
+    NUMBER_WORDS,
+    RELATIONS,
+    SHAPES,
+    Entity,
+    Relation,
+    Scene,
+    SceneGraph,
+    sample_scene,
+)
 
 
 class WorldCaptionError(ValueError):

@@ -24,7 +24,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from shared_data import CRD_DIR
 
 try:

@@ -1,12 +1,12 @@
 """``selma eval`` refuses what it cannot do before any Ray work, naming the field."""
 
 import pytest
+from shared_data import BENCHMARKS, needs_benchmarks
 
 from selma.config import load_config
 from selma.core.errors import ConfigError
-from selma.eval.run import check_eval_config
 from selma.core.rundir import RunDir
-from shared_data import BENCHMARKS, needs_benchmarks
+from selma.eval.run import check_eval_config
 
 pytestmark = needs_benchmarks
 

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from selma.config import load_config
-from selma.eval.questions import score_answers, summarize
 from selma.core.rundir import RunDir
+from selma.eval.questions import score_answers, summarize
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
 from lora_helpers import write_random_lora  # noqa: E402
@@ -88,8 +88,8 @@ def test_a_rerun_draws_and_answers_nothing_again(evaluated):
 def test_tifa_questions_in_the_release_format_scored_with_vqascore(ray_local, tmp_path):
     import json
 
-    from selma.pipeline import run_eval
     from selma.eval.tifa import load_tifa_prompts
+    from selma.pipeline import run_eval
 
     prompts = {p["item_id"]: p["prompt"] for p in load_tifa_prompts(BENCHMARKS / "tifa_v1.0_text_inputs.json")}
     qa = [

@@ -12,8 +12,8 @@ import pyarrow.csv as pacsv
 import pytest
 
 from selma.config import load_config
-from selma.eval.dsg import load_dsg1k
 from selma.core.rundir import RunDir
+from selma.eval.dsg import load_dsg1k
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "prompts"))
 from openai_server import FakeOpenAI  # noqa: E402

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selma.eval import rewards
-from selma.eval.rewards import base as reward_base, hps as reward_hps
-from selma.models import tiny_scorers
 from selma.core.models import resolve_model
+from selma.eval import rewards
+from selma.eval.rewards import base as reward_base
+from selma.eval.rewards import hps as reward_hps
+from selma.models import tiny_scorers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPECS = {"clipscore": "tiny:clip", "pickscore": "tiny:clip", "hpsv2": "tiny:hps", "hpsv2.1": "tiny:hps",

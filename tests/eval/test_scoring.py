@@ -1,11 +1,11 @@
 """DSG and TIFA: loading, DSG's dependency rule and the aggregators, against hand-computed cases."""
 
 import pytest
+from shared_data import BENCHMARKS, needs_benchmarks
 
 from selma.eval.dsg import DSGParseError, assemble_questions, dsg_request, load_dsg1k, parse_numbered, parse_parent_ids
 from selma.eval.questions import match_choice, sample_items, score_answers, summarize
 from selma.eval.tifa import AnswerMapper, load_tifa_prompts, load_tifa_questions
-from shared_data import BENCHMARKS, needs_benchmarks
 
 DSG_CSV = BENCHMARKS / "dsg-1k-anns.csv"
 TIFA_PROMPTS = BENCHMARKS / "tifa_v1.0_text_inputs.json"

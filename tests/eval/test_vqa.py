@@ -8,8 +8,8 @@ softmax computed by hand from the model's own logits, and the vLLM engine agains
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from selma.core.models import resolve_model
 from selma.eval import vqa
 from selma.models import tiny_vlm
-from selma.core.models import resolve_model
 from selma.models.tiny import build_lm_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -108,8 +108,12 @@ def test_vqa_module_imports_without_torch_or_diffusers():
 
 def test_tiny_vlm_loads_through_the_plain_auto_classes(images):
     import torch
-    from transformers import (AutoModelForImageTextToText, AutoProcessor, Blip2ForConditionalGeneration,
-                              LlavaForConditionalGeneration)
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        Blip2ForConditionalGeneration,
+        LlavaForConditionalGeneration,
+    )
 
     expected = {"tiny:vlm": (LlavaForConditionalGeneration, 16), "tiny:blip2": (Blip2ForConditionalGeneration, 4)}
     for spec, (model_class, image_tokens) in expected.items():

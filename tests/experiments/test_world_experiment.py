@@ -12,12 +12,19 @@ from PIL import Image
 
 from selma.config import load_config
 from selma.core.errors import ConfigError
+from selma.core.rundir import RunDir
+from selma.experiments.world import (
+    ARM_TITLES,
+    ARMS,
+    accuracy_by_kind,
+    check_experiment,
+    filtered_images,
+    ground_truth_images,
+    markdown_experiment,
+)
 from selma.images.export import png_bytes_of, with_hf_features
 from selma.images.generator import png_bytes
-from selma.core.rundir import RunDir
 from selma.world import WorldEvaluator, caption_of, render, sample_scenes, split_of
-from selma.experiments.world import (ARM_TITLES, ARMS, accuracy_by_kind, check_experiment, filtered_images,
-                                    ground_truth_images, markdown_experiment)
 
 EVALUATOR = WorldEvaluator()
 

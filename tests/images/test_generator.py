@@ -86,9 +86,8 @@ def test_a_lora_folder_is_fused_in_as_plain_diffusers_would(generator, tmp_path)
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
-    from lora_helpers import write_random_lora
-
     import torch
+    from lora_helpers import write_random_lora
 
     from selma.images.generator import load_pipeline
 

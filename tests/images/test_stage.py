@@ -10,9 +10,9 @@ import pytest
 
 from selma.config import load_config
 from selma.core.ids import derived_seed, image_id, image_seed
+from selma.core.rundir import RunDir
 from selma.images.stage import _image_plan, planned_images
 from selma.pipeline import run_stages
-from selma.core.rundir import RunDir
 
 SKILLS = "[coco, whoops]"
 

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
+from test_merge import Expert  # shared helper (pytest puts tests/merge on sys.path)
 
+from selma.cli import main
 from selma.merge.lora_io import read_lora
 from selma.merge.methods import MergeError, merge_experts
-from selma.cli import main
-from test_merge import Expert  # shared helper (pytest puts tests/merge on sys.path)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +115,8 @@ def test_merge_adapters_bad_input_exits_2_naming_the_experts(tmp_path, sd, capsy
 
 def test_merge_stage_runs_the_configs_method_options_and_fusing(tmp_path, sd):
     from selma.config import load_config
-    from selma.merge.stage import run_merge_stage
     from selma.core.rundir import RunDir
+    from selma.merge.stage import run_merge_stage
 
     _, experts = sd
     run = RunDir(str(tmp_path / "run"))

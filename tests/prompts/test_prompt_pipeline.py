@@ -11,11 +11,11 @@ import pytest
 from openai_server import FakeOpenAI
 
 from selma.config import load_config
+from selma.core.rundir import RunDir
 from selma.llm.template import TemplateBackend
 from selma.pipeline import run_stages
 from selma.prompts.loop import SkillLoop, run_in_process
 from selma.prompts.stage import read_prompt_rows
-from selma.core.rundir import RunDir
 from selma.skills import load_registry
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from lora_helpers import write_random_lora
 
 SERVE_YAML = Path(__file__).parents[2] / "cluster" / "serve.yaml"
@@ -55,8 +54,7 @@ def test_an_expert_still_training_is_not_served(finished_run, tmp_path):
 def test_app_builder_takes_the_run_and_typed_overrides(finished_run):
     from ray.serve import Application
 
-    from selma.serve.run import app_builder
-    from selma.serve.run import load_run_config
+    from selma.serve.run import app_builder, load_run_config
 
     app = app_builder({"run_dir": str(finished_run), "serve.model": "expert-coco", "serve.allow_unauthenticated": True,
                        "serve.autoscaling": {"min_replicas": 1, "max_replicas": 3}, "serve.max_batch_size": "2"})

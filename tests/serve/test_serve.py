@@ -140,8 +140,7 @@ def test_same_seed_gives_identical_bytes_and_each_image_has_seed_plus_index(serv
 def test_each_model_is_its_lora_and_the_lru_swaps_adapters(server):
     """base, the default adapter and a second one, alternated on one replica that holds one adapter."""
     from selma.core.config import ImagesConfig
-    from selma.images.generator import ImageGenerator
-    from selma.images.generator import load_adapter
+    from selma.images.generator import ImageGenerator, load_adapter
 
     prompt = "a wooden boat on a lake"
     served = {}
@@ -169,8 +168,7 @@ def test_a_lora_that_loads_nothing_is_refused(server, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from selma.images.generator import load_pipeline
-    from selma.images.generator import load_adapter
+    from selma.images.generator import load_adapter, load_pipeline
 
     module = "base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     save_file({f"{module}.lora_A.weight": torch.ones(4, 64), f"{module}.lora_B.weight": torch.ones(64, 4)},

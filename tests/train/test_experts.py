@@ -70,15 +70,31 @@ def _exported_steps(run_dir: Path, expert: str) -> list[str]:
     return sorted(p.name for p in (run_dir / "experts" / expert / "checkpoints").iterdir() if not p.name.startswith("."))
 
 
-def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir):
+def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir, monkeypatch):
+    """Also tracking (MLflow, through Ray's setup_mlflow on rank 0), validation images and the
+    LoRA exported at each checkpoint."""
     import torch
+    from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this process reads the folder store
+
+    store = run_dir.parent / "mlruns"
     out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "train.strategy=deepspeed",
-                     "train.zero_stage=2", "train.resources.workers=2", "train.resources.cpus=0.5", "train.max_steps=4"))
+                     "train.zero_stage=2", "train.resources.workers=2", "train.resources.cpus=0.5", "train.max_steps=4",
+                     "train.tracking.backend=mlflow", f"train.tracking.tracking_uri={store}", "train.validate_every=2",
+                     "train.validation_prompts=1", "train.validation_steps=1"))
     assert "at a time" not in out  # both experts fit the cluster: nothing queued
+    client = MlflowClient(str(store))
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])}
+    assert sorted(runs) == ["tiny/coco", "tiny/whoops"]  # rank 0 only
     for expert in ("coco", "whoops"):
         assert [m["step"] for m in _metrics(run_dir, expert)] == [1, 2, 3, 4]
+        assert all(m["grad_norm"] > 0 for m in _metrics(run_dir, expert))  # DeepSpeed's global grad norm
+        history = client.get_metric_history(runs[f"tiny/{expert}"].info.run_id, "grad_norm")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4]
+        assert sorted(p.name for p in (run_dir / "experts" / expert / "validation").iterdir()) == [
+            "step-000002", "step-000004"]
         card = (run_dir / "experts" / expert / "README.md").read_text()
         assert '"strategy": "deepspeed"' in card and '"workers": 2' in card and "base_model: tiny:sd" in card
         _assert_expert_loads_in_diffusers(run_dir, expert)

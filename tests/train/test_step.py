@@ -203,9 +203,9 @@ def test_rank_alpha_and_target_modules_go_from_the_config_to_the_trained_and_sav
     import json
 
     from selma.config import load_config
+    from selma.core.rundir import RunDir
     from selma.images.generator import load_pipeline
     from selma.merge.lora_io import read_lora
-    from selma.core.rundir import RunDir
     from selma.train.experts import ExpertJob, _write_expert
 
     config = load_config("tiny", ["train.rank=4", "train.alpha=12", "train.target_modules=[to_k, to_out.0]"])

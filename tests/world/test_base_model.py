@@ -10,7 +10,13 @@ from safetensors import safe_open
 
 from selma.core.models import resolve_model
 from selma.world import WorldEvaluator, caption_of, sample_scenes
-from selma.world.base import BaseModelConfig, build_world_tokenizer, shipped_base_model, train_base_model, training_caption
+from selma.world.base import (
+    BaseModelConfig,
+    build_world_tokenizer,
+    shipped_base_model,
+    train_base_model,
+    training_caption,
+)
 from selma.world.scene import COLORS, SHAPES, sample_scene
 
 TINY_TRAINING = dict(vae_steps=3, vae_batch_size=4, steps=3, batch_size=4, pool_size=64, warmup_steps=1,

@@ -11,10 +11,33 @@ from selma.llm.base import LLMRequest
 from selma.llm.template import TemplateBackend
 from selma.prompts.parse import parse_completion
 from selma.skills import Skill, SkillError, load_registry, load_skill_file
-from selma.world import (COLORS, KINDS, SKILL_FILES, SKILL_KINDS, Detection, Entity, Relation, Scene, SceneGraph,
-                         WorldAccuracyScorer, WorldCaptionError, WorldEvaluator, WorldObject, WorldQuestionError,
-                         WorldVQA, caption_of, format_caption, parse_caption, question_rows, questions, render,
-                         render_image, sample_scene, sample_scenes, split_of)
+from selma.world import (
+    COLORS,
+    KINDS,
+    SKILL_FILES,
+    SKILL_KINDS,
+    Detection,
+    Entity,
+    Relation,
+    Scene,
+    SceneGraph,
+    WorldAccuracyScorer,
+    WorldCaptionError,
+    WorldEvaluator,
+    WorldObject,
+    WorldQuestionError,
+    WorldVQA,
+    caption_of,
+    format_caption,
+    parse_caption,
+    question_rows,
+    questions,
+    render,
+    render_image,
+    sample_scene,
+    sample_scenes,
+    split_of,
+)
 from selma.world.evaluator import answer_question
 from selma.world.scene import BACKGROUND, CANVAS, GAP, MAX_OBJECTS, relation_holds
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from selma.eval.rewards.base import DEFAULT_BATCH_SIZE, RewardScorer, RewardWeightsError
 from selma.eval.rewards.clip import CLIPScoreScorer, PickScoreScorer
-from selma.eval.rewards.hps import HPSv21Scorer, HPSv2Scorer
+from selma.eval.rewards.hps import HPSv2Scorer, HPSv21Scorer
 from selma.eval.rewards.imagereward import ImageRewardScorer
 
 REWARD_SCORERS: dict[str, type[RewardScorer]] = {
