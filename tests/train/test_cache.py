@@ -1,13 +1,13 @@
 """The latent cache without Ray: cached rows decode to what the uncached path computes, a loss from a
 cached batch equals the uncached loss, the key follows the model, and a refill skips cached images."""
 
-import io
 import json
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from image_helpers import patterned_png
 
 from selma.config import load_config
 from selma.core.config import TrainConfig
@@ -29,22 +29,10 @@ from selma.train.step import diffusion_loss, encode_text, load_training_componen
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
 
 
-def _png(color, index: int) -> bytes:
-    """A 64 px image whose left and right halves differ, so its mirror image encodes differently."""
-    from PIL import Image
-
-    pixels = np.zeros((64, 64, 3), np.uint8)
-    pixels[...] = color
-    pixels[index * 8: index * 8 + 24, 4:20] = 255 - np.asarray(color, np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _rows(count: int = 4, skill: str = "coco", first: int = 0) -> dict:
     return {"image_id": np.array([f"img-{skill}-{first + i}" for i in range(count)], dtype=object),
             "skill": np.array([skill] * count, dtype=object),
-            "image": np.array([_png(COLORS[(first + i) % 4], first + i) for i in range(count)], dtype=object),
+            "image": np.array([patterned_png(COLORS[(first + i) % 4], first + i, slice(4, 20)) for i in range(count)], dtype=object),
             "prompt": np.array([f"a square number {first + i}" for i in range(count)], dtype=object)}
 
 

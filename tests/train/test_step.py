@@ -1,10 +1,10 @@
 """The train-step core without Ray: LoRA placement, losses for both prediction types, SDXL conditioning."""
 
-import io
 
 import numpy as np
 import pytest
 import torch
+from image_helpers import patterned_png
 
 from selma.core.config import TrainConfig
 from selma.train.data import PrepareTrainingBatch
@@ -28,20 +28,9 @@ def _train_config(**fields) -> TrainConfig:
 LORA = _train_config()
 
 
-def _png(color, pattern: int) -> bytes:
-    from PIL import Image
-
-    pixels = np.zeros((64, 64, 3), np.uint8)
-    pixels[...] = color
-    pixels[pattern * 8 : pattern * 8 + 24, 16:48] = 255 - np.asarray(color, np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _batch(model: str, count: int = 4) -> dict:
     colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)][:count]
-    rows = {"image": np.array([_png(c, i) for i, c in enumerate(colors)], dtype=object),
+    rows = {"image": np.array([patterned_png(c, i) for i, c in enumerate(colors)], dtype=object),
             "prompt": np.array([f"a {name} square on a plain background" for name in ("red", "green", "blue", "yellow")[:count]],
                                dtype=object)}
     prepared, skipped = PrepareTrainingBatch(model, 64, random_crop=False, random_flip=False)(rows)
