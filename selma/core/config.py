@@ -259,6 +259,23 @@ class TrainConfig(_Section):
         None, ge=1, description="experts training at once; None: as many as the cluster's resources hold, the rest queue")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw: torch AdamW (the paper); adamw_8bit: bitsandbytes' 8-bit AdamW (pip install 'selma[bnb]')")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="diffusers' get_scheduler schedule, counted in optimizer steps up to max_steps "
+                                "(the paper: constant)")
+    lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from 0 (not with constant)")
+    snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR-γ loss weighting (Hang et al. 2023; 5.0 is usual); None: plain MSE (the paper)")
+    noise_offset: float = Field(0.0, ge=0, description="adds offset × one normal draw per sample and channel to the "
+                                                       "noise (e.g. 0.05-0.1); 0: plain noise (the paper)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the UNet's activations in the backward pass: less memory, more time per step")
+
+    # Recipe options added after runs were recorded: at their defaults (the paper's recipe) they
+    # leave the hash of those runs unchanged.
+    hash_omits_default = frozenset({"optimizer", "lr_scheduler", "lr_warmup_steps", "snr_gamma", "noise_offset",
+                                    "gradient_checkpointing"})
 
     @model_validator(mode="after")
     def _batch_fits(self) -> "TrainConfig":
@@ -270,6 +287,10 @@ class TrainConfig(_Section):
             )
         if self.strategy == "deepspeed" and self.mixed_precision == "fp16" and not self.resources.gpus:
             raise ValueError("mixed_precision fp16 needs a GPU (resources.gpus); use bf16 or no on CPU")
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ValueError("lr_warmup_steps: the constant schedule has no warm-up; use lr_scheduler constant_with_warmup")
+        if self.lr_warmup_steps >= self.max_steps:
+            raise ValueError(f"lr_warmup_steps ({self.lr_warmup_steps}) must be less than max_steps ({self.max_steps})")
         return self
 
     @property
@@ -407,6 +428,10 @@ class RayConfig(_Section):
 class SelmaConfig(_Section):
     name: str = Field("selma", min_length=1)
     model: str = Field(..., description="the text-to-image model to improve (path, hub id or tiny:sd)")
+    vae: str | None = Field(
+        None, description="an AutoencoderKL (folder or hub id, safetensors weights) to use in place of the model's own "
+                          "VAE wherever `model` is loaded (images, train, eval, serve, fused pipeline), e.g. "
+                          "madebyollin/sdxl-vae-fp16-fix; not for images.model when that is another model")
     run_dir: str | None = Field(None, description="local path or URI; default runs/<name>")
     skills: SkillsConfig = Field(default_factory=SkillsConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
@@ -417,6 +442,8 @@ class SelmaConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    hash_omits_default = frozenset({"vae"})
+
     @property
     def expert_names(self) -> list[str]:
         """The adapters the train stage writes under ``experts/``: one per skill, or ``joint``."""
@@ -426,6 +453,12 @@ class SelmaConfig(_Section):
     def image_model(self) -> str:
         """The model that draws the training images (weak-to-strong: may differ from ``model``)."""
         return self.images.model or self.model
+
+    @property
+    def image_vae(self) -> str | None:
+        """The VAE override for :attr:`image_model`: ``vae``, unless the images come from another
+        model (a VAE fits one model family's latents)."""
+        return self.vae if self.image_model == self.model else None
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or str(Path("runs") / self.name)

@@ -10,6 +10,7 @@ from pathlib import Path
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir, RunDirError
 from selma.core.stage import StageBase, StageContext
+from selma.core.vae import check_vae
 from selma.merge.methods import merge_experts
 
 
@@ -22,6 +23,10 @@ class MergeStage(StageBase):
     sections = ("merge",)
     needs = "train"
     needs_ray = False
+
+    def preflight(self, config, run: RunDir) -> None:
+        if config.merge.fused_pipeline:
+            check_vae(config.vae, config.model)
 
     def run(self, ctx: StageContext) -> dict:
         return run_merge_stage(ctx.config, ctx.run, ctx.progress)
@@ -37,7 +42,7 @@ def run_merge_stage(config, run: RunDir, progress=None) -> dict:
         experts = {s: stack.enter_context(run.local_copy(f"experts/{s}")) for s in names}
         report = merge_experts(
             experts, Path(out), method=merge.method, weights=merge.weights, normalize=merge.normalize,
-            options=merge.options, fuse_into=config.model if merge.fused_pipeline else None,
+            options=merge.options, fuse_into=config.model if merge.fused_pipeline else None, fused_vae=config.vae,
         )
         run.put_dir(out, "merged")
     fused = " (+ fused pipeline in merged/fused)" if merge.fused_pipeline else ""

@@ -23,11 +23,13 @@ from selma.core.ids import derived_seed
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir
 from selma.core.stage import StageBase, StageContext
+from selma.core.vae import check_vae
 from selma.images.generator import native_resolution
 from selma.images.stage import count_per_skill
 from selma.merge.lora_io import save_peft_state_dict
 from selma.raylib import quiet_ray_data
 from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
+from selma.train.recipe import check_optimizer_available
 from selma.train.step import LoraTrainStep, check_lora_targets, load_training_components, peft_lora_config
 
 # Ray Train, torch and the train step's libraries are imported where used: the pipeline imports
@@ -52,13 +54,14 @@ class ExpertJob:
     resolution: int
     train: TrainConfig
     progress_actor: str | None = None
+    vae: str | None = None  # the config's VAE override
 
     @classmethod
     def from_config(cls, config, expert: str, run: RunDir, resolution: int):
         joint = expert == JOINT_EXPERT and config.train.mode == "joint"
         skills = tuple(config.skills.names) if joint else (expert,)
         return cls(name=expert, skills=skills, model=config.model, run_uri=run.uri, resolution=resolution,
-                   train=config.train)
+                   train=config.train, vae=config.vae)
 
 
 def train_expert_loop(loop_config: dict) -> None:
@@ -75,7 +78,7 @@ def train_expert_loop(loop_config: dict) -> None:
     if t.resources.cpu_threads:
         torch.set_num_threads(t.resources.cpu_threads)
     torch.manual_seed(derived_seed(t.seed, job.name, "init"))  # same LoRA init on every worker
-    components = load_training_components(job.model, t, device=str(device))
+    components = load_training_components(job.model, t, device=str(device), vae=job.vae)
     trainer = LoraTrainStep(components, t, seed=derived_seed(t.seed, job.name, rank))
     metrics: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
@@ -101,7 +104,7 @@ def train_expert_loop(loop_config: dict) -> None:
                 continue
             elapsed = max(time.time() - window_start, 1e-9)
             record = {"step": trainer.step, "loss": sum(window_losses) / len(window_losses),
-                      "lr": t.learning_rate, "samples_per_s": round(window_samples / elapsed, 3)}
+                      "lr": trainer.current_lr, "samples_per_s": round(window_samples / elapsed, 3)}
             metrics.append(record)
             window_start, window_samples, window_losses = time.time(), 0, []
             if board is not None:
@@ -146,7 +149,7 @@ def _write_expert(job: ExpertJob, lora_state: dict, metrics: list[dict]) -> None
 def model_card(job: ExpertJob, metrics: list[dict]) -> str:
     t = job.train
     settings = {"skill": job.name, "skills": list(job.skills), "model": job.model, "resolution": job.resolution,
-                "train": t.model_dump(mode="json")}
+                **({"vae": job.vae} if job.vae else {}), "train": t.model_dump(mode="json")}
     final = metrics[-1]["loss"] if metrics else float("nan")
     return (
         f"---\nlibrary_name: diffusers\nbase_model: {job.model}\ntags:\n- lora\n- selma\n- text-to-image\n---\n\n"
@@ -293,6 +296,8 @@ def preflight_train(config) -> None:
         check_lora_targets(config.model, config.train)
     except ValueError as err:
         raise ConfigError(f"{err}") from None
+    check_optimizer_available(config.train)
+    check_vae(config.vae, config.model)
 
 
 class TrainStage(StageBase):
@@ -301,7 +306,7 @@ class TrainStage(StageBase):
     name = "train"
     reads = ("images",)
     writes = ("experts",)
-    sections = ("model", "train")
+    sections = ("model", "vae", "train")
     needs = "images"
 
     def preflight(self, config, run: RunDir) -> None:

@@ -65,13 +65,20 @@ def _assert_expert_loads_in_diffusers(run_dir: Path, expert: str) -> None:
 
 
 def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir):
+    """With the recipe options on: they reach the workers, and the metrics record each step's scheduled rate."""
+    recipe = ["train.learning_rate=1e-3", "train.lr_scheduler=linear", "train.lr_warmup_steps=2", "train.snr_gamma=5",
+              "train.noise_offset=0.05", "train.gradient_checkpointing=true"]
     out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "train.strategy=deepspeed",
-                     "train.zero_stage=2", "train.resources.workers=2", "train.resources.cpus=0.5", "train.max_steps=4"))
+                     "train.zero_stage=2", "train.resources.workers=2", "train.resources.cpus=0.5", "train.max_steps=4",
+                     *recipe))
     assert "at a time" not in out  # both experts fit the cluster: nothing queued
     for expert in ("coco", "whoops"):
         assert [m["step"] for m in _metrics(run_dir, expert)] == [1, 2, 3, 4]
+        # linear: warm-up from 0 over 2 steps, then down to 0 at step 4 (each step's own rate)
+        assert [m["lr"] for m in _metrics(run_dir, expert)] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
         card = (run_dir / "experts" / expert / "README.md").read_text()
         assert '"strategy": "deepspeed"' in card and '"workers": 2' in card and "base_model: tiny:sd" in card
+        assert '"snr_gamma": 5.0' in card and '"gradient_checkpointing": true' in card
         _assert_expert_loads_in_diffusers(run_dir, expert)
     checkpoints = sorted(p for p in (run_dir / "_work" / "train" / "expert-coco").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2  # num_to_keep
