@@ -315,8 +315,10 @@ class TrainConfig(_Section):
     # Each worker trains on its own shard, and the gradient accumulation follows the worker count.
     hashed_resources = frozenset({"workers"})
     # Training ignores ``select`` (the merge stage hashes it: MergeStage.sections); tracking and
-    # validation images read the training state and never change it.
-    unhashed = frozenset({"select", "tracking", "validate_every", "validation_prompts", "validation_steps"})
+    # validation images read the training state and never change it; gradient checkpointing
+    # recomputes the same activations (so it can be switched on to resume a run that ran out of memory).
+    unhashed = frozenset({"select", "tracking", "validate_every", "validation_prompts", "validation_steps",
+                          "gradient_checkpointing"})
 
     mode: Literal["experts", "joint"] = Field(
         "experts", description="experts: one LoRA per skill (SELMA); joint: one LoRA on all skills' data (the paper's baseline)")
@@ -370,13 +372,28 @@ class TrainConfig(_Section):
                            "fixed at cache time (random_crop is not applied; a no-op for square images of the "
                            "training size, such as the images stage draws)")
 
-    hash_omits_default = frozenset({"cache_latents"})
-
     @field_validator("select", mode="before")
     @classmethod
     def _select(cls, value: Any) -> str:
         parse_select(value)
         return value
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw: torch AdamW (the paper); adamw_8bit: bitsandbytes' 8-bit AdamW (pip install 'selma[bnb]')")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="diffusers' get_scheduler schedule, counted in optimizer steps up to max_steps "
+                                "(the paper: constant)")
+    lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from 0 (not with constant)")
+    snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR-γ loss weighting (Hang et al. 2023; 5.0 is usual); None: plain MSE (the paper)")
+    noise_offset: float = Field(0.0, ge=0, description="adds offset × one normal draw per sample and channel to the "
+                                                       "noise (e.g. 0.05-0.1); 0: plain noise (the paper)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the UNet's activations in the backward pass: less memory, more time per step")
+
+    # Recipe options added after runs were recorded: at their defaults (the paper's recipe) they
+    # leave the hash of those runs unchanged.
+    hash_omits_default = frozenset({"optimizer", "lr_scheduler", "lr_warmup_steps", "snr_gamma", "noise_offset",
+                                    "cache_latents"})
 
     @model_validator(mode="after")
     def _batch_fits(self) -> "TrainConfig":
@@ -391,6 +408,10 @@ class TrainConfig(_Section):
         if self.validate_every and self.strategy == "deepspeed" and self.zero_stage == 3:
             raise ValueError("validate_every: validation images are not drawn under zero_stage 3 (the LoRA "
                              "weights are partitioned across workers); use zero_stage 2 or strategy ddp")
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ValueError("lr_warmup_steps: the constant schedule has no warm-up; use lr_scheduler constant_with_warmup")
+        if self.lr_warmup_steps >= self.max_steps:
+            raise ValueError(f"lr_warmup_steps ({self.lr_warmup_steps}) must be less than max_steps ({self.max_steps})")
         return self
 
     @property
@@ -528,6 +549,10 @@ class RayConfig(_Section):
 class SelmaConfig(_Section):
     name: str = Field("selma", min_length=1)
     model: str = Field(..., description="the text-to-image model to improve (path, hub id or tiny:sd)")
+    vae: str | None = Field(
+        None, description="an AutoencoderKL (folder or hub id, safetensors weights) to use in place of the model's own "
+                          "VAE wherever `model` is loaded (images, train, eval, serve, fused pipeline), e.g. "
+                          "madebyollin/sdxl-vae-fp16-fix; not for images.model when that is another model")
     run_dir: str | None = Field(None, description="local path or URI; default runs/<name>")
     skills: SkillsConfig = Field(default_factory=SkillsConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
@@ -538,6 +563,8 @@ class SelmaConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    hash_omits_default = frozenset({"vae"})
+
     @property
     def expert_names(self) -> list[str]:
         """The adapters the train stage writes under ``experts/``: one per skill, or ``joint``."""
@@ -547,6 +574,12 @@ class SelmaConfig(_Section):
     def image_model(self) -> str:
         """The model that draws the training images (weak-to-strong: may differ from ``model``)."""
         return self.images.model or self.model
+
+    @property
+    def image_vae(self) -> str | None:
+        """The VAE override for :attr:`image_model`: ``vae``, unless the images come from another
+        model (a VAE fits one model family's latents)."""
+        return self.vae if self.image_model == self.model else None
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or str(Path("runs") / self.name)

@@ -32,6 +32,7 @@ from selma.core.errors import ConfigError
 from selma.core.ids import image_seed
 from selma.core.rundir import RunDir, local_folder, new_part_name
 from selma.core.stage import StageBase, StageContext
+from selma.core.vae import check_vae
 from selma.eval.dsg import generate_dsg_questions, load_dsg1k
 from selma.eval.questions import (
     QUESTION_SCHEMA,
@@ -145,6 +146,7 @@ def check_eval_config(config, run: RunDir) -> list[EvalModel]:
     for name, weights in cfg.rewards.items():
         if not _exists(weights):
             raise _config_error(f"rewards.{name}", f"no weights at {weights!r}")
+    check_vae(config.vae, config.model)
     return resolve_models(config, run)
 
 
@@ -249,7 +251,8 @@ def images_key(config, model: EvalModel, benchmark: str) -> str:
     drawn_with = generation_settings(config).model_dump(include=GENERATOR_FIELDS)
     # Keyed under the field's old name, so the images eval drew before the rename are reused.
     drawn_with["truncate_long_prompts"] = drawn_with.pop("truncate_prompts")
-    return _key(config.model, lora, drawn_with, config.eval.seed, benchmark)
+    vae = [config.vae] if config.vae else []  # keys of images drawn before the VAE override stay as they were
+    return _key(config.model, lora, drawn_with, config.eval.seed, benchmark, *vae)
 
 
 def planned_eval_images(questions: pa.Table, benchmark: str, images_per_prompt: int, seed: int) -> pa.Table:
@@ -287,7 +290,7 @@ def draw_eval_images(config, run: RunDir, model: EvalModel, benchmark: str, ques
         started = time.time()
         dataset = draw_images(ray.data.from_arrow(batched_blocks(todo, cfg.batch_size)), config.model,
                               generation_settings(config), batch_size=cfg.batch_size, resources=cfg.resources,
-                              lora=model.lora)
+                              lora=model.lora, vae=config.vae)
         write_images(dataset, run, images_dir, errors_dir)
         progress(f"[eval] {model.name}/{benchmark}: drew {todo.num_rows} images in {time.time() - started:.1f}s")
     written = run.read_table("eval", model.name, "images", benchmark, columns=["image_id", "prompt_id", "prompt"])

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from selma.core.models import resolve_model
+from selma.core.vae import load_vae
 
 # torch and diffusers are imported where used: every stage module is imported by the pipeline, and
 # the vLLM venv that runs the prompt stage has neither diffusers nor peft.
@@ -49,13 +50,16 @@ def _has_component(path: str, component: str) -> bool:
     return component in json.loads(index.read_text())
 
 
-def load_pipeline(model: str, *, dtype: str = "auto", device: str | None = None):
-    """Load a text-to-image pipeline from a path, hub id or ``tiny:`` spec, safety checker off."""
+def load_pipeline(model: str, *, dtype: str = "auto", device: str | None = None, vae: str | None = None):
+    """Load a text-to-image pipeline from a path, hub id or ``tiny:`` spec, safety checker off;
+    ``vae`` (a folder or hub id) replaces the pipeline's own VAE."""
     from diffusers import DiffusionPipeline
 
     device = device or default_device()
     path = resolve_model(model)
     extra = {"safety_checker": None, "requires_safety_checker": False} if _has_component(path, "safety_checker") else {}
+    if vae is not None:
+        extra["vae"] = load_vae(vae, torch_dtype(dtype, device))
     pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype(dtype, device), **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -80,15 +84,16 @@ def load_adapter(pipe, lora_dir: str, name: str) -> None:
 
 
 class ImageGenerator:
-    """Loads a pipeline once (with a LoRA fused in when ``lora`` names a folder) and draws seeded
-    images for batches of prompts, as the ``settings`` (an ``images`` config section) say."""
+    """Loads a pipeline once (with a LoRA fused in when ``lora`` names a folder, and the VAE ``vae``
+    in place of its own when given) and draws seeded images for batches of prompts, as the
+    ``settings`` (an ``images`` config section) say."""
 
     def __init__(self, model: str, settings: ImagesConfig, *, device: str | None = None,
-                 lora: str | None = None):
+                 lora: str | None = None, vae: str | None = None):
         self.model = model
         self.settings = settings
         self.device = device or default_device()
-        self.pipe = load_pipeline(model, dtype=settings.dtype, device=self.device)
+        self.pipe = load_pipeline(model, dtype=settings.dtype, device=self.device, vae=vae)
         if lora:
             load_adapter(self.pipe, lora, "selma")
             self.pipe.fuse_lora(adapter_names=["selma"], lora_scale=1.0)

@@ -19,6 +19,7 @@ from selma.core.ids import image_id, image_seed
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir, local_folder, new_part_name
 from selma.core.stage import StageBase, StageContext
+from selma.core.vae import check_vae
 from selma.images.export import HF_FEATURES, OPTIONAL_COLUMNS, dataset_card, with_hf_features
 from selma.images.generator import ImageGenerator, png_bytes
 
@@ -65,13 +66,13 @@ class GenerateImages:
     """Ray Data callable class: one pipeline per actor, a batch of rows in, rows with PNGs out."""
 
     def __init__(self, model: str, settings: ImagesConfig, num_threads: int | None = None,
-                 lora: str | None = None):
+                 lora: str | None = None, vae: str | None = None):
         import torch
 
         if num_threads:
             torch.set_num_threads(num_threads)
 
-        self.generator = ImageGenerator(model, settings, lora=local_folder(lora) if lora else None)
+        self.generator = ImageGenerator(model, settings, lora=local_folder(lora) if lora else None, vae=vae)
         self.model = model
         self.settings = settings
 
@@ -145,8 +146,11 @@ class ImageStage(StageBase):
     name = "images"
     reads = ("prompts",)
     writes = ("images",)
-    sections = ("model", "images")
+    sections = ("model", "vae", "images")
     needs = "prompts"
+
+    def preflight(self, config, run: RunDir) -> None:
+        check_vae(config.image_vae, config.image_model)
 
     def run(self, ctx: StageContext) -> dict:
         return run_image_stage(ctx.config, ctx.run, ctx.progress, prompt_stream=ctx.stream)
@@ -211,7 +215,8 @@ def _draw(config, run: RunDir, planned, total: int | None, progress: Progress) -
     import threading
 
     cfg = config.images
-    dataset = draw_images(planned, config.image_model, cfg, batch_size=cfg.batch_size, resources=cfg.resources)
+    dataset = draw_images(planned, config.image_model, cfg, batch_size=cfg.batch_size, resources=cfg.resources,
+                          vae=config.image_vae)
     failure: list[BaseException] = []
 
     def write() -> None:
@@ -240,13 +245,13 @@ def image_dataset(rows: pa.Table, model: str, settings: ImagesConfig, *, batch_s
 
 
 def draw_images(planned, model: str, settings: ImagesConfig, *, batch_size: int, resources: Resources,
-                min_actors: int = 1, lora: str | None = None):
+                min_actors: int = 1, lora: str | None = None, vae: str | None = None):
     """``planned`` (a dataset of planned image rows) drawn on a pool of ``min_actors`` to
     ``resources.workers`` generator actors, with the LoRA in folder ``lora`` fused into the model
-    when given."""
+    and the VAE ``vae`` in place of its own when given."""
     return planned.map_batches(
         GenerateImages,
-        fn_constructor_args=(model, settings, resources.cpu_threads, lora),
+        fn_constructor_args=(model, settings, resources.cpu_threads, lora, vae),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=resources.workers),
         batch_format="numpy",

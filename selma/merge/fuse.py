@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from selma.core.models import resolve_model
+from selma.core.vae import load_vae
 from selma.merge.errors import MergeError
 from selma.merge.lora_io import LoraFile
 
@@ -31,8 +32,10 @@ def fuse_into_pipeline(
     out_dir: str | os.PathLike,
     *,
     dtype: str = "float32",
+    vae: str | None = None,
 ) -> Path:
-    """Fuse the LoRA in ``lora_dir`` into the pipeline ``model`` (path, hub id or ``tiny:`` spec) and save it.
+    """Fuse the LoRA in ``lora_dir`` into the pipeline ``model`` (path, hub id or ``tiny:`` spec) and save it,
+    with the VAE ``vae`` (folder or hub id) in place of the model's own when given.
 
     Fusing happens in fp32 on CPU; ``dtype`` ("float32", "float16", "bfloat16") is the dtype saved. The
     pipeline is written next to ``out_dir`` and renamed into place, so ``out_dir`` is never half-written.
@@ -45,7 +48,7 @@ def fuse_into_pipeline(
     with LoraFile(lora_dir) as lora_file:
         shapes = dict(lora_file.shapes)
 
-    pipe = _load_cpu_pipeline(model)
+    pipe = _load_cpu_pipeline(model, vae)
     _check_fits(pipe.unet, shapes, model, lora_dir)
     pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER_NAME)
     loaded = {
@@ -77,7 +80,7 @@ def fuse_into_pipeline(
     return out_dir
 
 
-def _load_cpu_pipeline(model: str):
+def _load_cpu_pipeline(model: str, vae: str | None = None):
     """``model`` in fp32 on CPU, safety checker off: what :func:`selma.images.generator.load_pipeline` loads,
     without importing the image stage (and its libraries) here."""
     import torch
@@ -87,6 +90,8 @@ def _load_cpu_pipeline(model: str):
     index = Path(path) / "model_index.json"
     has_safety_checker = not index.exists() or "safety_checker" in json.loads(index.read_text())
     extra = {"safety_checker": None, "requires_safety_checker": False} if has_safety_checker else {}
+    if vae is not None:
+        extra["vae"] = load_vae(vae, torch.float32)
     return DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, **extra)
 
 

@@ -407,6 +407,7 @@ def merge_experts(
     options: Mapping[str, Any] | None = None,
     fuse_into: str | None = None,
     fused_dtype: str = "float32",
+    fused_vae: str | None = None,
 ) -> dict[str, Any]:
     """Merge the expert LoRA directories into ``out_dir`` and return the report written to ``merge.json``.
 
@@ -415,7 +416,8 @@ def merge_experts(
     the method (e.g. ``{"rank": 64}`` for ``svd``, ``{"density": 0.5}`` for ``ties``). Experts are read layer
     by layer (one layer of every expert in memory at a time). Everything is checked before anything is
     written; the merged LoRA (same format as the experts) is written first, then the optional fused pipeline
-    (``fuse_into``: a base model path, hub id or ``tiny:`` spec; saved to ``out_dir/fused``), ``merge.json`` last.
+    (``fuse_into``: a base model path, hub id or ``tiny:`` spec, with the VAE ``fused_vae`` in place of its own
+    when given; saved to ``out_dir/fused``), ``merge.json`` last.
     """
     started = time.perf_counter()
     if not expert_dirs:
@@ -435,7 +437,8 @@ def merge_experts(
     weights_path = write_lora(merged, out_dir)
     fused_path = None
     if fuse_into is not None:
-        fused_path = fuse_into_pipeline(fuse_into, out_dir, Path(out_dir) / FUSED_DIR_NAME, dtype=fused_dtype)
+        fused_path = fuse_into_pipeline(fuse_into, out_dir, Path(out_dir) / FUSED_DIR_NAME, dtype=fused_dtype,
+                                        vae=fused_vae)
 
     report = _report(
         method=method, options=resolved_options, expert_dirs=expert_dirs, normalize=normalize,

@@ -17,6 +17,7 @@ from selma.core.expert_steps import check_select, checkpoint_relative, parse_sel
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir, RunDirError
 from selma.core.stage import StageBase, StageContext
+from selma.core.vae import check_vae
 from selma.merge.lora_io import WEIGHT_NAME, atomic_write, copy_adapter_files
 from selma.merge.methods import MERGE_REPORT_NAME, merge_experts
 
@@ -33,6 +34,8 @@ class MergeStage(StageBase):
 
     def preflight(self, config, run: RunDir) -> None:
         check_select(config.train)
+        if config.merge.fused_pipeline:
+            check_vae(config.vae, config.model)
 
     def run(self, ctx: StageContext) -> dict:
         return run_merge_stage(ctx.config, ctx.run, ctx.progress)
@@ -57,7 +60,7 @@ def run_merge_stage(config, run: RunDir, progress=None) -> dict:
         experts = {s: stack.enter_context(_local_adapter(run, sources[s])) for s in names}
         report = merge_experts(
             experts, Path(out), method=merge.method, weights=merge.weights, normalize=merge.normalize,
-            options=merge.options, fuse_into=config.model if merge.fused_pipeline else None,
+            options=merge.options, fuse_into=config.model if merge.fused_pipeline else None, fused_vae=config.vae,
         )
         picked = {"select": config.train.select, "step": step or config.train.max_steps,
                   "sources": {s: run.uri_of(sources[s]) for s in names}}

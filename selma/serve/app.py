@@ -245,7 +245,7 @@ class ImageModel:
     adapter cache, whose size is fixed when it is decorated."""
 
     def __init__(self, *, base_model: str, adapters: dict[str, str], default_steps: int, guidance_scale: float,
-                 max_batch_size: int, batch_wait_timeout_s: float, cpus: float):
+                 max_batch_size: int, batch_wait_timeout_s: float, cpus: float, vae: str | None = None):
         import threading
 
         import torch
@@ -254,7 +254,7 @@ class ImageModel:
         if device == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
         settings = ImagesConfig().model_copy(update={"steps": default_steps, "guidance_scale": guidance_scale})
-        self.generator = ImageGenerator(base_model, settings, device=device)
+        self.generator = ImageGenerator(base_model, settings, device=device, vae=vae)
         self.adapters = dict(adapters)
         self.loaded: set[str] = set()
         self.active: str | None = None
@@ -552,9 +552,10 @@ _CONFIG_HOST = object()  # build_app's default: serve_config.host
 
 def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None = None,
               default_model: str = BASE_MODEL_NAME, default_steps: int, guidance_scale: float = 7.5,
-              host=_CONFIG_HOST) -> serve.Application:
-    """The Serve application for ``base_model`` and its LoRA ``adapters`` (API name → diffusers-format
-    folder); requests without ``model`` get ``default_model``.
+              host=_CONFIG_HOST, vae: str | None = None) -> serve.Application:
+    """The Serve application for ``base_model`` (with the VAE ``vae`` in place of its own when given)
+    and its LoRA ``adapters`` (API name → diffusers-format folder); requests without ``model`` get
+    ``default_model``.
 
     With ``serve_config.api_key_env`` naming an environment variable, every endpoint but
     ``/healthz`` requires ``Bearer <its value>``, read *here* (in the process that builds the app).
@@ -586,6 +587,7 @@ def build_app(serve_config, *, base_model: str, adapters: dict[str, str] | None 
         max_batch_size=serve_config.max_batch_size,
         batch_wait_timeout_s=serve_config.batch_wait_timeout_s,
         cpus=serve_config.resources.cpus,
+        vae=vae,
     )
     limits = Limits(
         models=tuple([default_model, *(m for m in models if m != default_model)]),

@@ -10,6 +10,7 @@ from selma.config import build_config
 from selma.core.config import apply_override, parse_override, upgrade_recorded_config
 from selma.core.errors import ConfigError
 from selma.core.rundir import RunDir
+from selma.core.vae import check_vae
 from selma.merge.lora_io import WEIGHT_NAME
 from selma.raylib import init_ray
 from selma.serve.app import BASE_MODEL_NAME, build_app, proxy_host, serve_run
@@ -53,9 +54,11 @@ def build_run_app(config, run: RunDir, **options):
         hint = "; run `selma run` first or serve --model base" if config.serve.model == "merged" else ""
         raise ConfigError(f"serve.model: {run.uri} has no {config.serve.model!r} to serve "
                           f"(it has {[BASE_MODEL_NAME, *adapters]}){hint}")
+    check_vae(config.vae, config.model)
     return build_app(
         config.serve,
         base_model=config.model,
+        vae=config.vae,
         adapters=adapters,
         default_model=config.serve.model,
         default_steps=config.serve.default_steps or config.images.steps,

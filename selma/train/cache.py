@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 from selma.core.models import resolve_model
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir, new_part_name
+from selma.core.vae import load_vae
 from selma.train.data import PrepareTrainingBatch
 from selma.train.step import TrainingComponents, encode_text, uses_autocast, weight_dtype_for
 
@@ -75,10 +76,9 @@ class CacheSpec:
     @classmethod
     def for_run(cls, config, run: RunDir, resolution: int) -> "CacheSpec":
         images = run.stage("images")
-        vae = getattr(config, "vae", None)  # a separate VAE, where the config names one
         return cls(model=config.model, resolution=resolution, mixed_precision=config.train.mixed_precision,
                    autocast=uses_autocast(config.train), images=f"{images.get('config_hash')}@{images.get('started_at')}",
-                   vae=None if vae is None else json.dumps(vae, sort_keys=True, default=str))
+                   vae=config.vae)
 
     @property
     def key(self) -> str:
@@ -93,10 +93,10 @@ class CacheSpec:
 def load_frozen_encoders(spec: CacheSpec, device: str = "cpu") -> TrainingComponents:
     """The VAE and text encoder(s) as ``load_training_components`` sets them up (no UNet)."""
     import torch
-    from diffusers import AutoencoderKL, DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(resolve_model(spec.model), unet=None, torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(resolve_model(json.loads(spec.vae))) if spec.vae else pipe.vae
+    vae = load_vae(spec.vae, torch.float32) if spec.vae else pipe.vae
     text_encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     dtype = weight_dtype_for(spec.mixed_precision)
     for module in [vae, *text_encoders]:

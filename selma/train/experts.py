@@ -24,6 +24,7 @@ from selma.core.ids import derived_seed
 from selma.core.progress import Progress
 from selma.core.rundir import RunDir
 from selma.core.stage import StageBase, StageContext
+from selma.core.vae import check_vae
 from selma.images.generator import native_resolution
 from selma.images.stage import count_per_skill
 from selma.merge.lora_io import save_peft_state_dict
@@ -31,6 +32,7 @@ from selma.raylib import quiet_ray_data
 from selma.train.cache import CacheSpec, cached_rows_per_block, fill_latent_cache, read_cached
 from selma.train.checkpoints import write_checkpoint
 from selma.train.data import epoch_plan, read_and_prepare, rows_per_block
+from selma.train.recipe import check_optimizer_available
 from selma.train.step import LoraTrainStep, check_lora_targets, load_training_components, peft_lora_config
 from selma.train.tracking import ExpertMonitor, TrackingTarget, check_tracking, open_tracker
 from selma.train.validation import ValidationPlan, Validator, validation_plan
@@ -60,13 +62,14 @@ class ExpertJob:
     cache: str | None = None  # the latent cache's folder in the run (train.cache_latents), else None
     run_name: str = "selma"
     validation: ValidationPlan | None = None
+    vae: str | None = None  # the config's VAE override
 
     @classmethod
     def from_config(cls, config, expert: str, run: RunDir, resolution: int):
         joint = expert == JOINT_EXPERT and config.train.mode == "joint"
         skills = tuple(config.skills.names) if joint else (expert,)
         return cls(name=expert, skills=skills, model=config.model, run_uri=run.uri, resolution=resolution,
-                   train=config.train, run_name=config.name,
+                   train=config.train, vae=config.vae, run_name=config.name,
                    validation=validation_plan(config, skills, run, resolution))
 
 
@@ -84,7 +87,7 @@ def train_expert_loop(loop_config: dict) -> None:
     if t.resources.cpu_threads:
         torch.set_num_threads(t.resources.cpu_threads)
     torch.manual_seed(derived_seed(t.seed, job.name, "init"))  # same LoRA init on every worker
-    components = load_training_components(job.model, t, device=str(device))
+    components = load_training_components(job.model, t, device=str(device), vae=job.vae)
     trainer = LoraTrainStep(components, t, seed=derived_seed(t.seed, job.name, rank))
     metrics: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
@@ -96,38 +99,40 @@ def train_expert_loop(loop_config: dict) -> None:
     if checkpoint and board is not None:
         board.resumed.remote(job.name, trainer.step)
     monitor = expert_monitor(job, trainer.step) if rank == 0 else ExpertMonitor()
-    shard = ray.train.get_dataset_shard("train")
-    window_start, window_samples, window_losses = None, 0, []
-    while trainer.step < t.max_steps:
-        batches = 0
-        for batch in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=4 * t.batch_size):
-            batches += 1
-            window_start = window_start or time.time()
-            loss, stepped = trainer.train_micro_batch(batch)
-            window_losses.append(loss)
-            window_samples += len(next(iter(batch.values()))) * world_size
-            if not stepped:
-                continue
-            elapsed = max(time.time() - window_start, 1e-9)
-            record = {"step": trainer.step, "loss": sum(window_losses) / len(window_losses),
-                      "lr": t.learning_rate, "samples_per_s": round(window_samples / elapsed, 3),
-                      "grad_norm": trainer.grad_norm}
-            metrics.append(record)
-            monitor.after_step(trainer, record)
-            window_start, window_samples, window_losses = time.time(), 0, []
-            if board is not None:
-                board.update.remote(job.name, trainer.step, t.max_steps, record["loss"])
-            if trainer.step % t.checkpoint_every == 0 or trainer.step == t.max_steps:
-                # The exported LoRA first: a step Ray Train resumes from always has its export.
-                write_checkpoint(trainer, rank, run_uri=job.run_uri, expert=job.name, base_model=job.model,
-                                 loss=record["loss"])
-                _report_checkpoint(trainer, rank, metrics)
-            if trainer.step >= t.max_steps:
-                break
-        if batches == 0:
-            raise RuntimeError(f"expert {job.name!r}: its data yields no full batch of {t.batch_size}")
-    monitor.close()
+    try:
+        shard = ray.train.get_dataset_shard("train")
+        window_start, window_samples, window_losses = None, 0, []
+        while trainer.step < t.max_steps:
+            batches = 0
+            for batch in shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True, device=device,
+                                                  local_shuffle_buffer_size=4 * t.batch_size):
+                batches += 1
+                window_start = window_start or time.time()
+                loss, stepped = trainer.train_micro_batch(batch)
+                window_losses.append(loss)
+                window_samples += len(next(iter(batch.values()))) * world_size
+                if not stepped:
+                    continue
+                elapsed = max(time.time() - window_start, 1e-9)
+                record = {"step": trainer.step, "loss": sum(window_losses) / len(window_losses),
+                          "lr": trainer.current_lr, "samples_per_s": round(window_samples / elapsed, 3),
+                          "grad_norm": trainer.grad_norm}
+                metrics.append(record)
+                monitor.after_step(trainer, record)
+                window_start, window_samples, window_losses = time.time(), 0, []
+                if board is not None:
+                    board.update.remote(job.name, trainer.step, t.max_steps, record["loss"])
+                if trainer.step % t.checkpoint_every == 0 or trainer.step == t.max_steps:
+                    # The exported LoRA first: a step Ray Train resumes from always has its export.
+                    write_checkpoint(trainer, rank, run_uri=job.run_uri, expert=job.name, base_model=job.model,
+                                     loss=record["loss"])
+                    _report_checkpoint(trainer, rank, metrics)
+                if trainer.step >= t.max_steps:
+                    break
+            if batches == 0:
+                raise RuntimeError(f"expert {job.name!r}: its data yields no full batch of {t.batch_size}")
+    finally:  # a crashed worker's tracking run is ended too
+        monitor.close()
     state = trainer.lora_state_dict()  # a collective under ZeRO-3: every rank takes part
     if rank == 0:
         _write_expert(job, state, metrics)
@@ -180,7 +185,7 @@ def _write_expert(job: ExpertJob, lora_state: dict, metrics: list[dict]) -> None
 def model_card(job: ExpertJob, metrics: list[dict]) -> str:
     t = job.train
     settings = {"skill": job.name, "skills": list(job.skills), "model": job.model, "resolution": job.resolution,
-                "train": t.model_dump(mode="json")}
+                **({"vae": job.vae} if job.vae else {}), "train": t.model_dump(mode="json")}
     final = metrics[-1]["loss"] if metrics else float("nan")
     return (
         f"---\nlibrary_name: diffusers\nbase_model: {job.model}\ntags:\n- lora\n- selma\n- text-to-image\n---\n\n"
@@ -336,6 +341,8 @@ def preflight_train(config, run: RunDir | None = None) -> None:
         raise ConfigError(f"{err}") from None
     check_select(config.train)  # the merge stage's, checked here too: a run fails before it trains
     check_tracking(config.train.tracking, run or RunDir(config.resolved_run_dir()))
+    check_optimizer_available(config.train)
+    check_vae(config.vae, config.model)
 
 
 class TrainStage(StageBase):
@@ -344,7 +351,7 @@ class TrainStage(StageBase):
     name = "train"
     reads = ("images",)
     writes = ("experts",)
-    sections = ("model", "train")
+    sections = ("model", "vae", "train")
     needs = "images"
 
     def preflight(self, config, run: RunDir) -> None:

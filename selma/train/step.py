@@ -2,12 +2,14 @@
 
 LoRA goes on the UNet attention projections (``to_q, to_k, to_v, to_out.0``); VAE and text
 encoder(s) are frozen. The loss is the plain noise-prediction MSE against the scheduler's
-``prediction_type`` target (``epsilon`` or ``v_prediction``). SDXL-family UNets also receive
-pooled text embeddings and ``add_time_ids`` (original size, crop corner, target size).
+``prediction_type`` target (``epsilon`` or ``v_prediction``), optionally Min-SNR-γ weighted and on
+offset noise (:mod:`selma.train.recipe`). SDXL-family UNets also receive pooled text embeddings and
+``add_time_ids`` (original size, crop corner, target size).
 
-:class:`LoraTrainStep` owns everything after the forward pass: AdamW over the LoRA weights, gradient
-clipping, gradient accumulation, DDP or DeepSpeed (ZeRO), and checkpoints (LoRA, optimizer, step
-count, RNG state). It runs in a plain process as well as in a Ray Train worker.
+:class:`LoraTrainStep` owns everything after the forward pass: the optimizer over the LoRA weights and
+its learning-rate schedule, gradient clipping, gradient accumulation, DDP or DeepSpeed (ZeRO), and
+checkpoints (LoRA, optimizer, schedule, step count, RNG state). It runs in a plain process as well as
+in a Ray Train worker.
 
 Every setting comes from a run config's ``train`` section (:class:`selma.core.config.TrainConfig`,
 plain pydantic); outside a run, build one, e.g. ``TrainConfig(rank=4, alpha=4, strategy="ddp")``.
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from selma.core.models import resolve_model
 from selma.images.generator import load_pipeline
+from selma.train.recipe import build_lr_scheduler, build_optimizer, noise_prediction_loss, sample_noise
 
 # torch, diffusers, peft and deepspeed are imported where used: the pipeline imports every stage
 # module, the vLLM venv that runs the prompt stage has no diffusers or peft, and deepspeed is optional.
@@ -57,13 +60,15 @@ def weight_dtype_for(mixed_precision: str):
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-def load_training_components(model: str, train: TrainConfig, *, device: str = "cpu") -> TrainingComponents:
-    """Frozen VAE/text encoders in ``train.mixed_precision`` and a UNet carrying a fresh fp32 LoRA adapter."""
+def load_training_components(model: str, train: TrainConfig, *, device: str = "cpu",
+                             vae: str | None = None) -> TrainingComponents:
+    """Frozen VAE/text encoders in ``train.mixed_precision`` and a UNet carrying a fresh fp32 LoRA adapter
+    (with gradient checkpointing when ``train.gradient_checkpointing``); ``vae`` replaces the model's VAE."""
     import torch
     from diffusers import DDPMScheduler
 
     dtype = weight_dtype_for(train.mixed_precision)
-    pipe = load_pipeline(model, dtype="float32", device="cpu")
+    pipe = load_pipeline(model, dtype="float32", device="cpu", vae=vae)
     unet, vae = pipe.unet, pipe.vae
     text_encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     for module in [unet, vae, *text_encoders]:
@@ -76,6 +81,8 @@ def load_training_components(model: str, train: TrainConfig, *, device: str = "c
     for parameter in unet.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.to(torch.float32)
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # non-reentrant: LoRA weights get gradients with frozen inputs
     unet.train()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return TrainingComponents(unet, vae, text_encoders, scheduler, hasattr(pipe, "text_encoder_2"), device, dtype)
@@ -135,8 +142,10 @@ def encode_text(components: TrainingComponents, batch: dict) -> tuple[Any, dict]
         return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
 
 
-def diffusion_loss(components: TrainingComponents, batch: dict, generator=None, unet=None):
-    """Noise-prediction MSE for one batch of ``pixel_values`` in [-1, 1] plus token ids.
+def diffusion_loss(components: TrainingComponents, batch: dict, generator=None, unet=None, *,
+                   noise_offset: float = 0.0, snr_gamma: float | None = None):
+    """Noise-prediction MSE for one batch of ``pixel_values`` in [-1, 1] plus token ids; with
+    ``snr_gamma`` Min-SNR-γ weighted, with ``noise_offset`` on offset noise (:mod:`selma.train.recipe`).
 
     A batch may instead carry ``latent_moments`` (the VAE's latent distribution: mean and log-variance
     stacked on the channel axis, as ``selma.train.cache`` stores it) or ``latents`` (already scaled by
@@ -146,7 +155,6 @@ def diffusion_loss(components: TrainingComponents, batch: dict, generator=None, 
     wrapper of it).
     """
     import torch
-    import torch.nn.functional as F
 
     vae, scheduler = components.vae, components.noise_scheduler
     unet = unet if unet is not None else components.unet
@@ -161,7 +169,7 @@ def diffusion_loss(components: TrainingComponents, batch: dict, generator=None, 
         pixels = batch["pixel_values"].to(components.device, components.weight_dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = sample_noise(latents, generator, noise_offset)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device, generator=generator)
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -179,7 +187,7 @@ def diffusion_loss(components: TrainingComponents, batch: dict, generator=None, 
     else:
         hidden, added = encode_text(components, batch)
     model_output = unet(noisy, timesteps, hidden, added_cond_kwargs=added or None).sample
-    return F.mse_loss(model_output.float(), target.float())
+    return noise_prediction_loss(model_output, target, scheduler, timesteps, snr_gamma)
 
 
 def lora_state_dict(unet) -> dict:
@@ -208,6 +216,8 @@ def deepspeed_config(train: TrainConfig) -> dict:
         "fp16": {"enabled": train.mixed_precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # The optimizer is ours (train.optimizer); ZeRO refuses ones it has not tested, as bitsandbytes' without this.
+        "zero_allow_untested_optimizer": train.optimizer != "adamw",
     }
 
 
@@ -221,9 +231,10 @@ class LoraTrainStep:
     """One expert's optimisation: ``train_micro_batch`` until ``step`` reaches the target.
 
     Under DeepSpeed a process group must exist (Ray Train makes one; in a plain process
-    :func:`init_single_process_group` does). Checkpoints hold the LoRA weights, the optimizer state,
-    the optimizer step count and this rank's RNG state, so a resumed run draws the same noise and
-    timesteps it would have drawn without the interruption.
+    :func:`init_single_process_group` does). Checkpoints hold the LoRA weights, the optimizer and
+    learning-rate schedule state, the optimizer step count and this rank's RNG state, so a resumed
+    run draws the same noise and timesteps, at the same learning rates, it would have drawn without
+    the interruption.
     """
 
     def __init__(self, components: TrainingComponents, train: TrainConfig, seed: int):
@@ -232,18 +243,19 @@ class LoraTrainStep:
         self.components = components
         self.train_config = train
         self.parameters = components.lora_parameters()
-        optimizer = torch.optim.AdamW(self.parameters, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                                      eps=train.adam_epsilon, weight_decay=train.weight_decay)
+        self.base_optimizer = build_optimizer(self.parameters, train)
         self.engine = None
         if train.strategy == "deepspeed":
             import deepspeed
 
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=components.unet, optimizer=optimizer, config=deepspeed_config(train),
-                dist_init_required=False)
+            # DeepSpeed steps the schedule at each accumulation boundary and keeps it in its checkpoints.
+            self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+                model=components.unet, optimizer=self.base_optimizer, config=deepspeed_config(train),
+                lr_scheduler=lambda optimizer: build_lr_scheduler(optimizer, train), dist_init_required=False)
             self.model = self.engine
         elif train.strategy == "ddp":
-            self.optimizer = optimizer
+            self.optimizer = self.base_optimizer
+            self.lr_scheduler = build_lr_scheduler(self.optimizer, train)
             self.model = _wrap_ddp(components.unet, components.device)
         else:
             raise ValueError(f"unknown train.strategy {train.strategy!r}; expected 'deepspeed' or 'ddp'")
@@ -253,6 +265,15 @@ class LoraTrainStep:
         self.step = 0
         self._micro_steps = 0
         self.grad_norm: float | None = None  # the last optimizer step's gradient norm, before clipping
+        self._last_lr: float | None = None
+
+    @property
+    def current_lr(self) -> float:
+        """The learning rate the latest optimizer step used (before any step: the one the next will use)."""
+        return self._last_lr if self._last_lr is not None else self._scheduled_lr()
+
+    def _scheduled_lr(self) -> float:
+        return float(self.lr_scheduler.get_last_lr()[0])
 
     def train_micro_batch(self, batch: dict) -> tuple[float, bool]:
         """Forward, backward and (at an accumulation boundary) an optimizer step.
@@ -261,22 +282,28 @@ class LoraTrainStep:
         """
         import torch
 
+        train = self.train_config
         with self.autocast:
-            loss = diffusion_loss(self.components, batch, self.generator, unet=self.model)
+            loss = diffusion_loss(self.components, batch, self.generator, unet=self.model,
+                                  noise_offset=train.noise_offset, snr_gamma=train.snr_gamma)
         self._micro_steps += 1
         if self.engine is not None:
             boundary = self.engine.is_gradient_accumulation_boundary()
+            if boundary:
+                self._last_lr = self._scheduled_lr()
             self.engine.backward(loss)
             self.engine.step()
             if boundary:  # None where DeepSpeed's optimizer does not compute it (ZeRO 0 in fp32)
                 norm = self.engine.get_global_grad_norm()
                 self.grad_norm = None if norm is None else float(norm)
         else:
-            (loss / self.train_config.gradient_accumulation_steps).backward()
-            boundary = self._micro_steps % self.train_config.gradient_accumulation_steps == 0
+            (loss / train.gradient_accumulation_steps).backward()
+            boundary = self._micro_steps % train.gradient_accumulation_steps == 0
             if boundary:
-                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, self.train_config.max_grad_norm))
+                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, train.max_grad_norm))
+                self._last_lr = self._scheduled_lr()
                 self.optimizer.step()
+                self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if boundary:
             self.step += 1
@@ -314,6 +341,7 @@ class LoraTrainStep:
 
             save_file(lora_state_dict(self.components.unet), str(directory / "lora.safetensors"))
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), directory / "lr_scheduler.pt")
         if rank == 0:
             import json
 
@@ -334,6 +362,8 @@ class LoraTrainStep:
             load_lora_state_dict(self.components.unet, load_file(str(directory / "lora.safetensors")))
             # weights_only: plain tensors and numbers, nothing else is unpickled
             self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+            if (directory / "lr_scheduler.pt").exists():  # checkpoints before schedules: constant, nothing to restore
+                self.lr_scheduler.load_state_dict(torch.load(directory / "lr_scheduler.pt", weights_only=True))
         rng = directory / f"rng-rank{rank}.safetensors"
         if rng.exists():
             self.generator.set_state(load_file(str(rng))["generator"])

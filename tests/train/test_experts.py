@@ -71,8 +71,9 @@ def _exported_steps(run_dir: Path, expert: str) -> list[str]:
 
 
 def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir, monkeypatch):
-    """Also tracking (MLflow, through Ray's setup_mlflow on rank 0), validation images and the
-    LoRA exported at each checkpoint."""
+    """Also what rides on the workers: the recipe options (the metrics record each step's scheduled
+    rate), tracking (MLflow, through Ray's setup_mlflow on rank 0), validation images and the LoRA
+    exported at each checkpoint."""
     import torch
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
@@ -80,10 +81,12 @@ def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir, monkeypat
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this process reads the folder store
 
     store = run_dir.parent / "mlruns"
+    recipe = ["train.learning_rate=1e-3", "train.lr_scheduler=linear", "train.lr_warmup_steps=2", "train.snr_gamma=5",
+              "train.noise_offset=0.05", "train.gradient_checkpointing=true"]
     out = _ok(_selma("train", "--run-dir", str(run_dir), *BASE, *SMALL_BATCH, "train.strategy=deepspeed",
                      "train.zero_stage=2", "train.resources.workers=2", "train.resources.cpus=0.5", "train.max_steps=4",
                      "train.tracking.backend=mlflow", f"train.tracking.tracking_uri={store}", "train.validate_every=2",
-                     "train.validation_prompts=1", "train.validation_steps=1"))
+                     "train.validation_prompts=1", "train.validation_steps=1", *recipe))
     assert "at a time" not in out  # both experts fit the cluster: nothing queued
     client = MlflowClient(str(store))
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])}
@@ -95,8 +98,11 @@ def test_deepspeed_two_workers_per_expert_two_experts_at_once(run_dir, monkeypat
         assert sorted(m.step for m in history) == [1, 2, 3, 4]
         assert sorted(p.name for p in (run_dir / "experts" / expert / "validation").iterdir()) == [
             "step-000002", "step-000004"]
+        # linear: warm-up from 0 over 2 steps, then down to 0 at step 4 (each step's own rate)
+        assert [m["lr"] for m in _metrics(run_dir, expert)] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
         card = (run_dir / "experts" / expert / "README.md").read_text()
         assert '"strategy": "deepspeed"' in card and '"workers": 2' in card and "base_model: tiny:sd" in card
+        assert '"snr_gamma": 5.0' in card and '"gradient_checkpointing": true' in card
         _assert_expert_loads_in_diffusers(run_dir, expert)
         # Rank 0 of the two exported the LoRA at each checkpoint; the last is the final expert.
         assert _exported_steps(run_dir, expert) == ["step-000002", "step-000004"]
