@@ -34,6 +34,18 @@ def test_presets_carry_the_papers_settings():
     assert load_config("sd2").model == "stabilityai/stable-diffusion-2"
 
 
+def test_the_sdxl_release_preset_carries_the_release_scripts_settings():
+    # fine-tune/ft_sd_lora_sdxl.sh (latest) and image-generation/img_gen_gpt.py of jialuli-luka/SELMA
+    config, paper = load_config("sdxl-release"), load_config("sdxl")
+    assert config.model == paper.model and config.vae == "madebyollin/sdxl-vae-fp16-fix" and paper.vae is None
+    t = config.train
+    assert (t.batch_size * t.gradient_accumulation_steps * t.resources.workers, t.effective_batch_size) == (32, 32)
+    assert (t.max_steps, t.learning_rate, t.lr_scheduler, t.lr_warmup_steps) == (10000, 3e-4, "constant", 0)
+    assert (t.mixed_precision, t.checkpoint_every, t.rank, t.alpha, t.seed) == ("fp16", 2000, 128, 128, 42)
+    assert (config.images.steps, config.images.guidance_scale, config.images.dtype) == (50, 5.0, "float16")
+    assert config.merge.method == "delta_mean"
+
+
 def test_overrides_are_typed_and_nested():
     config = load_config("tiny", ["images.steps=3", "train.learning_rate=1e-3", "skills.names=[coco, whoops]",
                                   "images.negative_prompt=blurry, low quality"])

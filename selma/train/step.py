@@ -262,6 +262,8 @@ class LoraTrainStep:
         device = torch.device(components.device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.autocast = torch.autocast(device.type, dtype=components.weight_dtype, enabled=uses_autocast(train))
+        # fp16 gradients underflow without loss scaling (DeepSpeed scales its own; bf16 needs none).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.engine is None and train.mixed_precision == "fp16")
         self.step = 0
         self._micro_steps = 0
         self.grad_norm: float | None = None  # the last optimizer step's gradient norm, before clipping
@@ -297,12 +299,14 @@ class LoraTrainStep:
                 norm = self.engine.get_global_grad_norm()
                 self.grad_norm = None if norm is None else float(norm)
         else:
-            (loss / train.gradient_accumulation_steps).backward()
+            self.scaler.scale(loss / train.gradient_accumulation_steps).backward()
             boundary = self._micro_steps % train.gradient_accumulation_steps == 0
             if boundary:
+                self.scaler.unscale_(self.optimizer)
                 self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, train.max_grad_norm))
                 self._last_lr = self._scheduled_lr()
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when a gradient overflowed
+                self.scaler.update()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if boundary:
@@ -342,6 +346,8 @@ class LoraTrainStep:
             save_file(lora_state_dict(self.components.unet), str(directory / "lora.safetensors"))
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), directory / "lr_scheduler.pt")
+            if self.scaler.is_enabled():
+                torch.save(self.scaler.state_dict(), directory / "grad_scaler.pt")
         if rank == 0:
             import json
 
@@ -364,6 +370,8 @@ class LoraTrainStep:
             self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
             if (directory / "lr_scheduler.pt").exists():  # checkpoints before schedules: constant, nothing to restore
                 self.lr_scheduler.load_state_dict(torch.load(directory / "lr_scheduler.pt", weights_only=True))
+            if self.scaler.is_enabled() and (directory / "grad_scaler.pt").exists():
+                self.scaler.load_state_dict(torch.load(directory / "grad_scaler.pt", weights_only=True))
         rng = directory / f"rng-rank{rank}.safetensors"
         if rng.exists():
             self.generator.set_state(load_file(str(rng))["generator"])

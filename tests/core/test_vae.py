@@ -127,6 +127,7 @@ def test_eval_images_are_keyed_on_the_override_only_when_it_is_set(other_vae):
     plain, overridden = load_config("tiny"), load_config("tiny", [f"vae={other_vae}"])
     assert images_key(plain, base, "dsg") != images_key(overridden, base, "dsg")
     drawn_with = generation_settings(plain).model_dump(include=GENERATOR_FIELDS)
+    drawn_with["truncate_long_prompts"] = drawn_with.pop("truncate_prompts")  # keyed under its old name
     assert images_key(plain, base, "dsg") == _key(plain.model, None, drawn_with, plain.eval.seed, "dsg")
 
 

@@ -227,3 +227,21 @@ def test_rank_alpha_and_target_modules_go_from_the_config_to_the_trained_and_sav
     pipe.load_lora_weights(str(expert), adapter_name="expert")
     loaded = _lora_layers(pipe.unet, "expert")
     assert {suffix(name) for name in loaded} == targets and set(loaded.values()) == {(4, 12, 3.0)}
+
+
+def test_fp16_under_ddp_scales_the_loss_and_resumes_the_scale(tmp_path):
+    """fp16 gradients underflow without loss scaling: DDP uses torch's GradScaler (DeepSpeed has its
+    own; bf16 and fp32 need none), and its scale travels with the checkpoint."""
+    fp16 = _train_config(mixed_precision="fp16")
+    trainer = LoraTrainStep(load_training_components("tiny:sd", fp16), fp16, seed=0)
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0**16
+    for _ in range(3):
+        trainer.train_micro_batch(_batch("tiny:sd", 2))
+    assert trainer.step == 3 and trainer.grad_norm is not None
+    trainer.scaler.update(1024.0)  # a scale a fresh trainer does not start from
+    trainer.save_checkpoint(tmp_path, rank=0)
+    resumed = LoraTrainStep(load_training_components("tiny:sd", fp16), fp16, seed=0)
+    resumed.load_checkpoint(tmp_path, rank=0)
+    assert resumed.scaler.get_scale() == 1024.0
+    plain = _train_config(mixed_precision="bf16")
+    assert not LoraTrainStep(load_training_components("tiny:sd", plain), plain, seed=0).scaler.is_enabled()
