@@ -27,19 +27,20 @@ from selma.merge.lora_io import CONFIG_NAME, WEIGHT_NAME, atomic_write, copy_ada
 from selma.train.step import peft_lora_config
 
 
-def write_checkpoint(trainer, rank: int, *, run_uri: str, expert: str, base_model: str, loss: float) -> None:
+def write_checkpoint(trainer, rank: int, *, run_uri: str, expert: str, base_model: str, loss: float) -> dict:
     """Write ``expert``'s LoRA at ``trainer.step`` (a :class:`selma.train.step.LoraTrainStep`) into the
     run, replacing that step's folder if an earlier attempt wrote it. Every rank calls this: under
-    ZeRO-3 gathering the LoRA is a collective; rank 0 writes."""
+    ZeRO-3 gathering the LoRA is a collective; rank 0 writes. Returns the gathered LoRA."""
     state = trainer.lora_state_dict()
     if rank != 0:
-        return
+        return state
     step = trainer.step
     with tempfile.TemporaryDirectory(prefix="selma-step-") as directory:
         save_peft_state_dict(state, peft_lora_config(trainer.train_config), directory, base_model=base_model,
                              extra_metadata={"skill": expert, "step": str(step)})
         Path(directory, STEP_FILE).write_text(json.dumps({"step": step, "loss": loss}) + "\n")
         RunDir(run_uri).put_dir(directory, checkpoint_relative(expert, step))
+    return state
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ def train_expert_loop(loop_config: dict) -> None:
     if checkpoint and board is not None:
         board.resumed.remote(job.name, trainer.step)
     monitor = expert_monitor(job, trainer.step) if rank == 0 else ExpertMonitor()
+    exported: tuple[int, dict | None] = (-1, None)  # the step last exported, and its LoRA
     try:
         shard = ray.train.get_dataset_shard("train")
         window_start, window_samples, window_losses = None, 0, []
@@ -124,8 +125,8 @@ def train_expert_loop(loop_config: dict) -> None:
                     board.update.remote(job.name, trainer.step, t.max_steps, record["loss"])
                 if trainer.step % t.checkpoint_every == 0 or trainer.step == t.max_steps:
                     # The exported LoRA first: a step Ray Train resumes from always has its export.
-                    write_checkpoint(trainer, rank, run_uri=job.run_uri, expert=job.name, base_model=job.model,
-                                     loss=record["loss"])
+                    exported = (trainer.step, write_checkpoint(trainer, rank, run_uri=job.run_uri, expert=job.name,
+                                                               base_model=job.model, loss=record["loss"]))
                     _report_checkpoint(trainer, rank, metrics)
                 if trainer.step >= t.max_steps:
                     break
@@ -133,7 +134,8 @@ def train_expert_loop(loop_config: dict) -> None:
                 raise RuntimeError(f"expert {job.name!r}: its data yields no full batch of {t.batch_size}")
     finally:  # a crashed worker's tracking run is ended too
         monitor.close()
-    state = trainer.lora_state_dict()  # a collective under ZeRO-3: every rank takes part
+    # The last step was just exported (on every rank alike); gathering again is a collective under ZeRO-3.
+    state = exported[1] if exported[0] == trainer.step else trainer.lora_state_dict()
     if rank == 0:
         _write_expert(job, state, metrics)
 
