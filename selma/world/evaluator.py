@@ -16,39 +16,34 @@ Detection (:func:`detect`), at 64×64 (other sizes are box-resized first):
    noise;
 4. shape: template IoU (:func:`shape_of`) on the component's soft coverage (its colour's
    coverage on the component and two pixels around it, holes filled). Each template (a disk, an
-   axis-aligned square, a triangle pointing up, down, left or right, a diamond, a plus-shaped
-   cross) is laid on the pixel grid with the object's area and centroid, at 0.96, 1 and 1.04
-   times that size, and compared by soft IoU (a hard-edged object, every pixel covered or not,
-   with templates sampled at pixel centres, the way it was drawn). The best template names the
-   shape when its IoU is at least ``min_iou`` (0.7) and the component's bounding box has an
-   aspect ratio of at most ``max_aspect`` (1.6); otherwise the shape is unknown (None).
-   Matching area and centroid (rather than stretching the bounding box to a unit square) keeps
-   small pixelated circles, whose thresholded box is tight, from looking square; soft coverage
-   keeps a one-pixel rim of half-covered edge pixels from deciding between a circle and a square
-   with rounded corners;
+   axis-aligned square, a triangle pointing up, down, left or right) is laid on the pixel grid
+   with the object's area and centroid, at 0.96, 1 and 1.04 times that size, and compared by
+   soft IoU. The best template names the shape when its IoU is at least ``min_iou`` (0.7) and
+   the component's bounding box has an aspect ratio of at most ``max_aspect`` (1.6); otherwise the shape
+   is unknown (None). Matching area and centroid (rather than stretching the bounding box to a
+   unit square) keeps small pixelated circles, whose thresholded box is tight, from looking
+   square; soft coverage keeps a one-pixel rim of half-covered edge pixels from deciding between
+   a circle and a square with rounded corners;
 5. centroid (coverage-weighted, x and y) and bounding box per component.
 
 Questions (:func:`questions`): per entity of the caption's scene graph, in caption order,
 "Is there a circle?" / "Are there circles?" (entity/whole, once per shape), "Is the circle red?"
-(attribute/color; parent: the shape's question), for a sized entity "Is the red circle small?"
-(attribute/size; parent: the colour question) and, for counts above one or a spelled-out
+(attribute/color; parent: the shape's question) and, for counts above one or a spelled-out
 "one", "Are there exactly three red circles?" (other/count; parents: the shape and colour
 questions); then per relation "Is the green triangle to the left of the yellow square?"
 (relation/spatial; parents: both shapes' questions). Ids start at 1; every answer is "yes".
 
 Answers (:func:`answer_question`) follow from the question text alone (so a VQA backend can give
 them): a shape question is "yes" when some component has that shape; a colour question when some
-component has that shape and colour; a size question when some component has that shape,
-colour and size (:attr:`Detection.size`: small when the best template's side is below
-:data:`selma.world.scene.SIZE_SPLIT`); a count question when exactly that many components have
+component has that shape and colour; a count question when exactly that many components have
 that colour and shape; a spatial question when some pair of such components satisfies the
 world's relation rule (:func:`selma.world.scene.relation_holds`: the centroids' offset along the
 relation's axis is positive and larger than across it).
 
 Prompt accuracy (:meth:`WorldEvaluator.prompt_accuracy`): every entity's (colour, shape) has
-exactly its count of components, all of its size if it has one, every relation holds, and
-(unless ``allow_extra``) there is no other component of at least ``min_area`` pixels: none of an
-unmentioned colour or shape, of unknown shape or of no palette colour. The DSG questions do not ask about extra objects (as in
+exactly its count of components, every relation holds, and (unless ``allow_extra``) there is no
+other component of at least ``min_area`` pixels: none of an unmentioned colour or shape, of
+unknown shape or of no palette colour. The DSG questions do not ask about extra objects (as in
 DSG), so an image can score 1.0 on them and still fail prompt accuracy.
 """
 
@@ -193,11 +188,7 @@ def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float],
     pixel as they cover, so a one-pixel rim more or less does not decide the shape.
     """
     h, w = alpha.shape
-    # A hard-edged map (every pixel 0 or 1, as plain renders draw) is compared with templates
-    # sampled at pixel centres, the way it was drawn: small pixelated circles are octagons that
-    # 2×2-sampled templates may call squares.
-    hard = bool(np.all((alpha < 1e-6) | (alpha > 1 - 1e-6)))
-    k = 1 if hard else TEMPLATE_SUPERSAMPLE
+    k = TEMPLATE_SUPERSAMPLE
     ys, xs = np.mgrid[0:h, 0:w] + 0.5
     area = float(alpha.sum())
     centroid = (float((alpha * xs).sum() / area), float((alpha * ys).sum() / area))
