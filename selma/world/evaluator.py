@@ -57,18 +57,7 @@ from PIL import Image
 
 from selma.core.scoring import score_answers
 from selma.world.captions import parse_caption
-from selma.world.scene import (
-    CANVAS,
-    COLORS,
-    NUMBER_WORDS,
-    PLURALS,
-    RELATIONS,
-    SHAPES,
-    SIZE_SPLIT,
-    SIZES,
-    SceneGraph,
-    relation_holds,
-)
+from selma.world.scene import CANVAS, COLORS, NUMBER_WORDS, RELATIONS, SHAPES, SceneGraph, relation_holds
 
 MIN_AREA = 20
 MIN_IOU = 0.7
@@ -90,12 +79,6 @@ class Detection:
     centroid: tuple[float, float]  # (x, y), pixel centres at +0.5
     bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 / y1 exclusive
     iou: float  # IoU with the best template
-    side: float = 0.0  # bounding-box side of the best template fitted to the object's area
-
-    @property
-    def size(self) -> str:
-        """"small" or "large" (by :data:`selma.world.scene.SIZE_SPLIT`)."""
-        return "small" if self.side < SIZE_SPLIT else "large"
 
 
 # --------------------------------------------------------------------------- detection
@@ -103,7 +86,7 @@ class Detection:
 
 # (shape, orientation): the shape templates; a triangle may point up, down, left or right.
 TEMPLATES = (("circle", ""), ("square", ""), ("triangle", "up"), ("triangle", "down"), ("triangle", "left"),
-             ("triangle", "right"), ("diamond", ""), ("cross", ""))
+             ("triangle", "right"))
 TEMPLATE_SCALES = (0.96, 1.0, 1.04)
 TEMPLATE_SUPERSAMPLE = 2  # template coverage from 2×2 samples per pixel
 
@@ -117,11 +100,6 @@ def template_mask(shape: str, orientation: str, cx: float, cy: float, size: floa
         return dx * dx + dy * dy <= half * half
     if shape == "square":
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= half
-    if shape == "cross":
-        arm = half / 3
-        return ((np.abs(dx) <= arm) & (np.abs(dy) <= half)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= half))
     depth, across = {"up": (dy + half, dx), "down": (half - dy, dx), "left": (dx + half, dy),
                      "right": (half - dx, dy)}[orientation]
     return (depth >= 0) & (depth <= size) & (np.abs(across) <= depth / 2)
@@ -134,10 +112,6 @@ def _fitted(shape: str, orientation: str, area: float, centroid: tuple[float, fl
         return x, y, 2 * np.sqrt(area / np.pi)
     if shape == "square":
         return x, y, np.sqrt(area)
-    if shape == "diamond":
-        return x, y, np.sqrt(2 * area)
-    if shape == "cross":  # five ninths of its box
-        return x, y, np.sqrt(9 * area / 5)
     size = np.sqrt(2 * area)
     shift = {"up": (0, size / 6), "down": (0, -size / 6), "left": (size / 6, 0), "right": (-size / 6, 0)}[orientation]
     return x - shift[0], y - shift[1], size
@@ -177,9 +151,8 @@ def classify_pixels(pixels: np.ndarray, max_off_line: float = MAX_OFF_LINE) -> t
     return np.where(best_coverage < 0.5, -1, labels), coverage[..., :len(PALETTE)]
 
 
-def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float], float]:
-    """(best shape, its soft IoU, area, centroid (x, y) in the crop, the best template's side) of
-    one object's coverage map
+def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float]]:
+    """(best shape, its soft IoU, area, centroid (x, y) in the crop) of one object's coverage map
     (0..1 per pixel, zero off the object), cropped with a margin around it.
 
     Each template is laid on the pixel grid with the object's area and centroid (at 0.96, 1 and
@@ -193,7 +166,7 @@ def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float],
     area = float(alpha.sum())
     centroid = (float((alpha * xs).sum() / area), float((alpha * ys).sum() / area))
     sub_x, sub_y = np.meshgrid((np.arange(w * k) + 0.5) / k, (np.arange(h * k) + 0.5) / k)
-    best_shape, best_iou, best_side = "", -1.0, 0.0
+    best_shape, best_iou = "", -1.0
     for shape, orientation in TEMPLATES:
         cx, cy, size = _fitted(shape, orientation, area, centroid)
         for scale in TEMPLATE_SCALES:
@@ -201,8 +174,8 @@ def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float],
             template = template.reshape(h, k, w, k).mean(axis=(1, 3))
             iou = float(np.minimum(alpha, template).sum() / max(np.maximum(alpha, template).sum(), 1e-9))
             if iou > best_iou:
-                best_shape, best_iou, best_side = shape, iou, float(size * scale)
-    return best_shape, best_iou, area, centroid, best_side
+                best_shape, best_iou = shape, iou
+    return best_shape, best_iou, area, centroid
 
 
 def detect(image, *, min_area: int = MIN_AREA, min_iou: float = MIN_IOU, max_aspect: float = MAX_ASPECT,
@@ -233,21 +206,21 @@ def detect(image, *, min_area: int = MIN_AREA, min_iou: float = MIN_IOU, max_asp
                 alpha = np.where(filled & ~mask, 1.0, alpha)
             else:
                 alpha = filled.astype(np.float64)
-            shape, iou, _, (cx, cy), side = shape_of(alpha)
+            shape, iou, _, (cx, cy) = shape_of(alpha)
             if iou < min_iou or max(y1 - y0, x1 - x0) > max_aspect * min(y1 - y0, x1 - x0):
                 shape = None
             found.append(Detection(color=PALETTE[value] if value < len(PALETTE) else None, shape=shape, area=area,
-                                   centroid=(cx + wx0, cy + wy0), bbox=(x0, y0, x1, y1), iou=iou, side=side))
+                                   centroid=(cx + wx0, cy + wy0), bbox=(x0, y0, x1, y1), iou=iou))
     return found
 
 
 # --------------------------------------------------------------------------- questions
 
-CATEGORIES = {"whole": "entity", "color": "attribute", "size": "attribute", "count": "other", "spatial": "relation"}
+CATEGORIES = {"whole": "entity", "color": "attribute", "count": "other", "spatial": "relation"}
 
 
 def _plural(shape: str) -> str:
-    return PLURALS[shape]
+    return shape + "s"
 
 
 def _row(question_id: int, question: str, parents: list[int], detailed: str) -> dict:
@@ -269,10 +242,6 @@ def graph_questions(graph: SceneGraph) -> list[dict]:
         text = f"Are the {_plural(shape)} {color}?" if entity.count > 1 else f"Is the {shape} {color}?"
         rows.append(_row(len(rows) + 1, text, [shape_question[shape]], "color"))
         color_question = len(rows)
-        if entity.size:
-            text = (f"Are the {color} {_plural(shape)} {entity.size}?" if entity.count > 1
-                    else f"Is the {color} {shape} {entity.size}?")
-            rows.append(_row(len(rows) + 1, text, [color_question], "size"))
         if entity.count > 1 or entity.say_one:
             word = NUMBER_WORDS[entity.count - 1]
             text = (f"Are there exactly {word} {color} {_plural(shape)}?" if entity.count > 1
@@ -292,15 +261,12 @@ def questions(caption: str) -> list[dict]:
     return graph_questions(parse_caption(caption))
 
 
-_C, _S, _P = "|".join(COLORS), "|".join(SHAPES), "|".join(PLURALS.values())
-_SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
+_C, _S = "|".join(COLORS), "|".join(SHAPES)
 _QUESTION_FORMS = (
-    ("whole", re.compile(rf"^(?:is there an? (?P<shape>{_S})|are there (?P<shapes>{_P}))$")),
-    ("color", re.compile(rf"^(?:is the (?P<shape>{_S})|are the (?P<shapes>{_P})) (?P<color>{_C})$")),
-    ("size", re.compile(rf"^(?:is|are) the (?P<color>{_C}) (?:(?P<shape>{_S})|(?P<shapes>{_P})) "
-                        rf"(?P<size>{'|'.join(SIZES)})$")),
+    ("whole", re.compile(rf"^(?:is there an? (?P<shape>{_S})|are there (?P<shapes>{_S})s)$")),
+    ("color", re.compile(rf"^(?:is the (?P<shape>{_S})|are the (?P<shapes>{_S})s) (?P<color>{_C})$")),
     ("count", re.compile(rf"^(?:is|are) there exactly (?P<number>{'|'.join(NUMBER_WORDS)}) (?P<color>{_C}) "
-                         rf"(?:(?P<shape>{_S})|(?P<shapes>{_P}))$")),
+                         rf"(?:(?P<shape>{_S})|(?P<shapes>{_S})s)$")),
     ("spatial", re.compile(rf"^is the (?P<color>{_C}) (?P<shape>{_S}) (?P<relation>{'|'.join(RELATIONS)}) "
                            rf"the (?P<color2>{_C}) (?P<shape2>{_S})$")),
 )
@@ -314,7 +280,7 @@ def parse_question(question: str) -> tuple[str, dict]:
         if match:
             fields = {k: v for k, v in match.groupdict().items() if v is not None}
             if "shapes" in fields:
-                fields["shape"] = _SINGULAR[fields.pop("shapes")]
+                fields["shape"] = fields.pop("shapes")
             return form, fields
     raise WorldQuestionError(f"not a shapes-world question: {question!r}")
 
@@ -326,8 +292,6 @@ def answer_question(detections: list[Detection], question: str) -> str:
         found = any(d.shape == f["shape"] for d in detections)
     elif form == "color":
         found = any(d.shape == f["shape"] and d.color == f["color"] for d in detections)
-    elif form == "size":
-        found = any(d.shape == f["shape"] and d.color == f["color"] and d.size == f["size"] for d in detections)
     elif form == "count":
         number = NUMBER_WORDS.index(f["number"]) + 1
         found = sum(d.shape == f["shape"] and d.color == f["color"] for d in detections) == number
@@ -341,8 +305,7 @@ def answer_question(detections: list[Detection], question: str) -> str:
 def matches(detections: list[Detection], graph: SceneGraph, *, allow_extra: bool = False) -> bool:
     """Whether the detections are exactly what the graph states (see the module docstring)."""
     for entity in graph.entities:
-        found = [d for d in detections if d.color == entity.color and d.shape == entity.shape]
-        if len(found) != entity.count or (entity.size and any(d.size != entity.size for d in found)):
+        if sum(d.color == entity.color and d.shape == entity.shape for d in detections) != entity.count:
             return False
     if not allow_extra and len(detections) != graph.num_objects:
         return False
