@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from selma.core.errors import InputError
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     world = commands.add_parser("world", help="the shapes world: train its base model, run and report the SELMA experiment")
     world_commands = world.add_subparsers(dest="world_command", required=True)
     train_base = world_commands.add_parser(
-        "train-base", help="train the world's text-to-image base model from scratch (about 40 min on 2 CPU cores)")
+        "train-base", help="train the world's text-to-image base model from scratch (under an hour on 2 CPU cores)")
     train_base.add_argument("out", help="output folder (a diffusers pipeline; use it as model: OUT)")
     train_base.add_argument("overrides", nargs="*", metavar="key=value",
                             help="BaseModelConfig fields, e.g. steps=2000 threads=4 (see selma.world.base)")
@@ -124,8 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("out", help="experiment folder (reruns resume)")
     experiment.add_argument("--config", "-c", default="world", help="a preset or YAML file (default: world)")
     experiment.add_argument("--arms", metavar="A,B", help="comma-separated subset of the arms (default: all)")
-    experiment.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                            help="config overrides, e.g. eval.world_prompts_per_kind=50 train.max_steps=100")
+    experiment.add_argument("--weak-model", default="world:small",
+                            help="the smaller base model that draws the weak-to-strong arm's images (default: world:small)")
+    calibrate = world_commands.add_parser(
+        "calibrate", help="the ground-truth arm under LoRA recipes vs the base model; writes OUT/calibration.md")
+    calibrate.add_argument("out", help="calibration folder (reruns resume)")
+    calibrate.add_argument("--config", "-c", default="world", help="a preset or YAML file (default: world)")
+    calibrate.add_argument("--recipe", action="append", default=[], metavar="'NAME: key=value key=value'",
+                           help="a recipe to try (repeatable; default: selma.experiments.world.DEFAULT_RECIPES)")
+    for command in (experiment, calibrate):
+        command.add_argument("--truth-seeds", default="0,1", metavar="S,T",
+                             help="training seeds of the ground-truth arm (default: 0,1)")
+        command.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                             help="config overrides, e.g. eval.world_prompts_per_kind=50 train.max_steps=100")
     report = world_commands.add_parser("report", help="rewrite OUT/report.md and report.png from the experiment's scores")
     report.add_argument("out")
 
@@ -270,16 +282,38 @@ def _cmd_world(args) -> int:
             raise ConfigError(format_validation_error(err)) from None
         train_base_model(args.out, config)
         return 0
-    from selma.experiments.world import ARMS, run_experiment, write_experiment_report
+    from selma.experiments.world import ARMS, run_calibration, run_experiment, write_experiment_report
 
     if args.world_command == "report":
         try:
             result = write_experiment_report(args.out)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None
-    else:
-        arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else ARMS
-        result = run_experiment(load_config(args.config, args.overrides), args.out, arms)
+        print()
+        print(open(result["markdown"], encoding="utf-8").read())
+        return 0
+    try:
+        truth_seeds = tuple(int(seed) for seed in args.truth_seeds.split(",") if seed.strip())
+    except ValueError:
+        raise ConfigError(f"--truth-seeds: expected integers separated by commas, got {args.truth_seeds!r}") from None
+    if not truth_seeds:
+        raise ConfigError("--truth-seeds: name at least one seed")
+    config = load_config(args.config, args.overrides)
+    if args.world_command == "calibrate":
+        recipes = None
+        if args.recipe:
+            recipes = {}
+            for text in args.recipe:
+                name, sep, body = text.partition(":")
+                if not sep or not name.strip():
+                    raise ConfigError(f"--recipe: expected 'NAME: key=value key=value', got {text!r}")
+                recipes[name.strip()] = shlex.split(body)
+        record = run_calibration(config, args.out, recipes, truth_seeds)
+        print()
+        print(open(f"{args.out}/calibration.md", encoding="utf-8").read())
+        return 0 if any(row["passes"] for row in record["recipes"]) else 1
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else ARMS
+    result = run_experiment(config, args.out, arms, truth_seeds=truth_seeds, weak_model=args.weak_model)
     print()
     print(open(result["markdown"], encoding="utf-8").read())
     return 0

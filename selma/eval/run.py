@@ -46,7 +46,7 @@ from selma.eval.questions import (
 from selma.eval.report import write_report
 from selma.eval.rewards import load_reward_scorer
 from selma.eval.tifa import AnswerMapper, load_tifa_prompts, load_tifa_questions
-from selma.eval.vqa import load_vqa_backend
+from selma.eval.vqa import vqa_backend_of
 from selma.images.export import png_bytes_of
 from selma.images.generator import GENERATOR_FIELDS
 from selma.images.stage import batched_blocks, check_error_rate, draw_images, image_ids, not_yet_drawn, write_images
@@ -315,11 +315,8 @@ class AnswerImages:
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        vqa = eval_config.vqa
-        self.kind = vqa.backend
-        self.backend = load_vqa_backend(vqa.backend, vqa.model, dtype=vqa.dtype, batch_size=vqa.batch_size,
-                                        max_new_tokens=vqa.max_new_tokens, prompt_template=vqa.prompt_template,
-                                        engine_kwargs=vqa.engine_kwargs)
+        self.kind = eval_config.vqa.backend
+        self.backend = vqa_backend_of(eval_config.vqa)
         self.scorers = {}
         if eval_config.rewards:
 

@@ -349,6 +349,13 @@ class VLLMVQA(VQABackend):
 # --------------------------------------------------------------------------- factory
 
 
+def vqa_backend_of(vqa) -> VQABackend:
+    """The backend an ``eval.vqa`` section configures (:func:`load_vqa_backend` with its fields)."""
+    return load_vqa_backend(vqa.backend, vqa.model, dtype=vqa.dtype, batch_size=vqa.batch_size,
+                            max_new_tokens=vqa.max_new_tokens, prompt_template=vqa.prompt_template,
+                            engine_kwargs=vqa.engine_kwargs)
+
+
 def load_vqa_backend(kind: str, model: str, *, device: str | None = None, dtype: str = "auto",
                      batch_size: int = 8, max_new_tokens: int = 16, prompt_template: str | None = None,
                      engine_kwargs: dict | None = None) -> VQABackend:

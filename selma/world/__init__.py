@@ -1,7 +1,8 @@
 """The shapes world: a faithfulness testbed whose every image can be checked exactly.
 
-64×64 RGB images on a white background hold 1–4 non-overlapping objects: circles, squares and
-triangles in red, green, blue or yellow. Captions follow a small grammar and are parsed back into
+64×64 RGB images on a white background hold 1–6 non-overlapping objects: circles, squares,
+triangles, diamonds and crosses in red, green, blue, yellow, orange, purple, cyan or pink, small,
+large or of either size. Captions follow a small grammar and are parsed back into
 the scene graph they state; an exact evaluator finds the objects in an image and answers
 DSG-style questions about them.
 

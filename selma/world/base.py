@@ -4,15 +4,21 @@ The result is an ordinary Stable Diffusion pipeline folder (``save_pretrained``,
 that every stage loads with ``DiffusionPipeline.from_pretrained``:
 
 - a CLIP tokenizer whose BPE was trained on the world's words, so each word is one token;
-- a small ``AutoencoderKL`` (4× down: 64×64 RGB ↔ 16×16×4 latents), trained first;
+- a small ``AutoencoderKL`` (by default 4× down: 64×64 RGB ↔ 16×16×8 latents), trained first;
 - a ``CLIPTextModel`` trained jointly with the denoiser (nothing pretrained exists to freeze);
-- a ``UNet2DConditionModel`` with cross-attention at 16×16 and 8×8, epsilon prediction on a
-  linear β schedule (DDIM "leading" spacing at inference), min-SNR-weighted loss, and an EMA
-  of the weights that is what gets saved.
+- a ``UNet2DConditionModel`` with attention (self and cross) at 8×8 and in the 4×4 middle block,
+  the attention-pooled caption added to its timestep embedding (so every ResNet block, 16×16
+  included, sees the caption), epsilon prediction on a linear β schedule (DDIM "leading"
+  spacing at inference), min-SNR-weighted loss, and an EMA of the weights that is what gets saved.
 
-Training scenes are drawn from every caption kind. Like web alt-text, a share of the captions
-(``partial_caption_rate``) names only one of the scene's objects, so the base model learns the
-vocabulary but not to be exact: the gap SELMA's skill data is meant to close.
+Neither network attends over 16×16 positions: on a CPU that attention cost more than the rest
+of the UNet put together (it made a training step 2.2× slower).
+
+Training scenes are drawn from every caption kind. Like web alt-text, the captions are loose: a
+share (``partial_caption_rate``) names only one of the scene's objects, a group of several is
+given its number only at ``count_rate`` ("red circles" otherwise) and a relation is stated only at
+``relation_rate`` (otherwise the two objects are listed). The base model learns the vocabulary but
+not to be exact: the gap SELMA's skill data is meant to close.
 
 Deterministic for a given config and thread count.
 """
@@ -29,19 +35,22 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from selma.images.generator import default_device
 from selma.models.tiny import build_clip_tokenizer, write_clip_vocab_files
-from selma.world.captions import caption_of
+from selma.world.captions import caption_of, format_caption, sample_scenes
+from selma.world.evaluator import WorldEvaluator
 from selma.world.render import render
-from selma.world.scene import COLORS, SHAPES, sample_scene
+from selma.world.scene import COLORS, NUMBER_WORDS, PLURALS, SHAPES, SIZES, Entity, SceneGraph, sample_scene
 
 WORLD_PROMPT_TOKENS = 32
-SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "base_model"
-EXTRA_WORDS = "a one two three four and to the left right of above below".split()
+SHIPPED_MODELS = {"base": Path(__file__).resolve().parent / "base_model",
+                  "small": Path(__file__).resolve().parent / "small_model"}
+SHIPPED_MODEL_DIR = SHIPPED_MODELS["base"]
+EXTRA_WORDS = ["a", "an", *NUMBER_WORDS, *SIZES, *"and to the left right of above below".split()]
 
 
 class BaseModelConfig(BaseModel):
@@ -55,42 +64,67 @@ class BaseModelConfig(BaseModel):
     kinds: list[str] = Field(default_factory=lambda: ["single", "counting", "binding", "spatial", "multi"], min_length=1)
     partial_caption_rate: float = Field(0.25, ge=0, le=1,
                                         description="share of training captions that name one object of the scene")
+    count_rate: float = Field(0.5, ge=0, le=1, description="share of groups of several given their number")
+    relation_rate: float = Field(0.5, ge=0, le=1, description="share of spatial scenes whose relation is stated")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of empty captions (classifier-free guidance)")
     pool_size: int = Field(32768, ge=64, description="rendered training scenes, encoded to latents once")
-    vae_steps: int = Field(900, ge=1)
+    vae_channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=2, max_length=3,
+                                    description="per VAE level; three levels give 16×16 latents, two 32×32")
+    latent_channels: int = Field(8, ge=1)
+    vae_steps: int = Field(600, ge=1)
     vae_batch_size: int = Field(16, ge=1)
     vae_learning_rate: float = Field(1e-3, gt=0)
     vae_kl_weight: float = Field(1e-6, ge=0)
-    steps: int = Field(4500, ge=1, description="denoiser (UNet + text encoder) steps")
+    steps: int = Field(9000, ge=1, description="denoiser (UNet + text encoder) steps")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(200, ge=0)
     min_snr_gamma: float | None = Field(5.0, gt=0, description="min-SNR loss weighting; None: plain MSE")
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    unet_channels: list[int] = Field(default_factory=lambda: [64, 96, 128], min_length=3, max_length=3)
+    unet_channels: list[int] = Field(default_factory=lambda: [64, 96, 128], min_length=2, max_length=4)
+    unet_cross_attention: list[bool] = Field(
+        default_factory=lambda: [False, True, False], min_length=2, max_length=4,
+        description="per UNet level (latent size, half, ...), whether it has attention layers; the middle "
+                    "block always has")
+    unet_pooled_text: bool = Field(True, description="add the attention-pooled caption to the timestep embedding, "
+                                   "so every ResNet block, at every resolution, sees the caption")
     text_hidden_size: int = Field(64, ge=8)
     log_every: int = Field(100, ge=1)
     save_dtype: str = Field("float16", pattern="^(float16|float32)$")
 
+    @model_validator(mode="after")
+    def _unet_levels_agree(self):
+        if len(self.unet_cross_attention) != len(self.unet_channels):
+            raise ValueError(f"unet_cross_attention has {len(self.unet_cross_attention)} levels but unet_channels "
+                             f"{len(self.unet_channels)}: give one entry per UNet level in each")
+        return self
 
-def shipped_base_model() -> Path:
-    """The base model shipped with selma (``world:base``)."""
-    if not (SHIPPED_MODEL_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(f"the shapes-world base model is not in {SHIPPED_MODEL_DIR}; train one with "
+    @property
+    def latent_size(self) -> int:
+        return 64 // 2 ** (len(self.vae_channels) - 1)
+
+
+def shipped_base_model(name: str = "base") -> Path:
+    """A model shipped with selma: ``world:base``, or the smaller ``world:small`` (weak-to-strong)."""
+    folder = SHIPPED_MODELS[name]
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"the shapes-world model world:{name} is not in {folder}; train one with "
                                 "`selma world train-base DIR` and set model: DIR")
-    return SHIPPED_MODEL_DIR
+    return folder
 
 
 def resolve_world(spec: str) -> str:
-    """``world:base``: the shipped model's folder (registered for the ``world:`` prefix of
-    :func:`selma.core.models.resolve_model`)."""
-    if spec != "world:base":
-        raise ValueError(f"unknown shapes-world model {spec!r}; the one shipped is world:base")
-    return str(shipped_base_model())
+    """``world:base`` / ``world:small``: the shipped model's folder (registered for the ``world:``
+    prefix of :func:`selma.core.models.resolve_model`)."""
+    name = spec.removeprefix("world:")
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"unknown shapes-world model {spec!r}; those shipped are "
+                         + ", ".join(f"world:{n}" for n in SHIPPED_MODELS))
+    return str(shipped_base_model(name))
 
 
 def world_words() -> list[str]:
-    return list(dict.fromkeys([*EXTRA_WORDS, *COLORS, *SHAPES, *(f"{shape}s" for shape in SHAPES)]))
+    return list(dict.fromkeys([*EXTRA_WORDS, *COLORS, *SHAPES, *PLURALS.values()]))
 
 
 def build_world_tokenizer():
@@ -107,16 +141,20 @@ def build_components(config: BaseModelConfig):
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=WORLD_PROMPT_TOKENS,
         projection_dim=config.text_hidden_size, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    # Attention over 16×16 positions costs more than the rest of either network on a CPU.
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=16, sample_size=64)
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels), block_out_channels=tuple(config.vae_channels),
+        layers_per_block=1, latent_channels=config.latent_channels, norm_num_groups=min(16, *config.vae_channels),
+        sample_size=64, mid_block_add_attention=False)
+    attention = config.unet_cross_attention
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=config.latent_size, in_channels=config.latent_channels, out_channels=config.latent_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         block_out_channels=tuple(config.unet_channels), layers_per_block=1, attention_head_dim=4,
-        norm_num_groups=16, cross_attention_dim=config.text_hidden_size)
+        norm_num_groups=16, cross_attention_dim=config.text_hidden_size,
+        addition_embed_type="text" if config.unet_pooled_text else None, addition_embed_type_num_heads=4)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                               prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
                               clip_sample=False, set_alpha_to_one=False)
@@ -124,14 +162,19 @@ def build_components(config: BaseModelConfig):
 
 
 def training_caption(scene, rng, config: BaseModelConfig) -> str:
-    """The caption a training scene is shown with: empty, one of its objects, or all of it."""
+    """The caption a training scene is shown with: empty, one of its objects, or all of it in
+    loose words (groups without their number, relations unstated; see the module docstring)."""
     draw = rng.random()
     if draw < config.caption_dropout:
         return ""
     if draw < config.caption_dropout + config.partial_caption_rate and len(scene.objects) > 1:
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
-        return f"a {obj.color} {obj.shape}"
-    return caption_of(scene)
+        return format_caption(SceneGraph((Entity(1, obj.color, obj.shape),)))
+    graph = scene.graph
+    if graph.relations and rng.random() >= config.relation_rate:
+        graph = SceneGraph(graph.entities)
+    numbers = all(e.count == 1 for e in graph.entities) or rng.random() < config.count_rate
+    return format_caption(graph, numbers=numbers)
 
 
 def _pixels(scenes) -> torch.Tensor:
@@ -163,19 +206,44 @@ def train_vae(vae, config: BaseModelConfig, progress: Callable[[str], None], log
     vae.eval()
 
 
+def make_posterior_deterministic(vae) -> None:
+    """Set the encoder's log-variance to its floor (-30), so a posterior sample is its mean.
+
+    With so small a KL weight the posterior's noise outweighs the spread of its means and the
+    decoder learns to ignore it; left in, every ``latent_dist.sample()`` downstream (the LoRA train
+    step, any diffusers training script) would bury the picture under noise no denoiser can predict.
+    """
+    half = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[half:].zero_()
+        vae.quant_conv.bias[half:].fill_(-30.0)
+
+
+def reconstruction_accuracy(vae, kinds: list[str], per_kind: int = 40, device: str = "cpu") -> dict[str, float]:
+    """The exact evaluator's prompt accuracy on VAE round trips of held-out renders, per kind: the
+    most any model drawing through this VAE can reach."""
+    evaluator, result = WorldEvaluator(), {}
+    with torch.no_grad():
+        for kind in kinds:
+            scenes = sample_scenes(kind, per_kind, seed=12345)
+            decoded = vae.decode(vae.encode(_pixels(scenes).to(device)).latent_dist.mean).sample
+            images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            result[kind] = sum(evaluator.prompt_accuracy(image, caption_of(scene))
+                               for image, scene in zip(images, scenes)) / per_kind
+    return result
+
+
 def encode_pool(vae, config: BaseModelConfig, progress: Callable[[str], None], device: str = "cpu"):
-    """Render ``pool_size`` scenes and encode them once: (scenes, latent means, latent stds)."""
+    """Render ``pool_size`` scenes and encode them once: (scenes, latent means)."""
     rng = np.random.default_rng([config.seed, 2])
     kinds = [config.kinds[int(i)] for i in rng.integers(len(config.kinds), size=config.pool_size)]
     scenes = [sample_scene(kind, int(rng.integers(2**62))) for kind in kinds]
-    means, stds = [], []
+    means = []
     with torch.no_grad():
         for start in range(0, len(scenes), 256):
-            posterior = vae.encode(_pixels(scenes[start:start + 256]).to(device)).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
+            means.append(vae.encode(_pixels(scenes[start:start + 256]).to(device)).latent_dist.mean)
     progress(f"[world] encoded {len(scenes)} training scenes")
-    return scenes, torch.cat(means), torch.cat(stds)
+    return scenes, torch.cat(means)
 
 
 def _encode_text(tokenizer, text_encoder, captions: list[str]):
@@ -187,7 +255,7 @@ def _encode_text(tokenizer, text_encoder, captions: list[str]):
 def train_denoiser(tokenizer, text_encoder, unet, scheduler, pool, scaling_factor: float, config: BaseModelConfig,
                    progress: Callable[[str], None], log: list[dict], device: str = "cpu"):
     """Train UNet and text encoder on the latent pool; returns their EMA copies."""
-    scenes, means, stds = pool
+    scenes, means = pool
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
@@ -210,7 +278,7 @@ def train_denoiser(tokenizer, text_encoder, unet, scheduler, pool, scaling_facto
         index = torch.from_numpy(rng.integers(len(scenes), size=config.batch_size))
         captions = [training_caption(scenes[int(i)], rng, config) for i in index]
         # Random numbers come from one CPU generator, so a run is the same on any device.
-        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling_factor
+        latents = means[index] * scaling_factor
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,),
                                   generator=generator)
@@ -257,9 +325,12 @@ def train_base_model(out_dir: str | Path, config: BaseModelConfig | None = None,
     vae, text_encoder, unet = vae.to(device), text_encoder.to(device), unet.to(device)
     log: list[dict] = []
     train_vae(vae, config, progress, log, device)
+    make_posterior_deterministic(vae)
     vae_seconds = time.perf_counter() - started
-    scenes, means, stds = encode_pool(vae, config, progress, device)
-    pool = (scenes, means.cpu(), stds.cpu())
+    reconstruction = reconstruction_accuracy(vae, config.kinds, device=device)
+    progress(f"[world] exact on VAE round trips: {reconstruction}")
+    scenes, means = encode_pool(vae, config, progress, device)
+    pool = (scenes, means.cpu())
     scaling_factor = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     unet, text_encoder = train_denoiser(tokenizer, text_encoder, unet, scheduler, pool, scaling_factor, config,
@@ -273,6 +344,7 @@ def train_base_model(out_dir: str | Path, config: BaseModelConfig | None = None,
     write_clip_vocab_files(out / "tokenizer")
     total = time.perf_counter() - started
     record = {"config": config.model_dump(), "seconds": {"vae": round(vae_seconds, 1), "total": round(total, 1)},
+              "vae_reconstruction_accuracy": reconstruction,
               "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "log": log}
     (out / "world_base.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -6,19 +6,20 @@ Grammar (lowercase; a leading capital and a final period are accepted)::
     caption  := spatial | list
     spatial  := object RELATION object            "a green triangle to the left of a yellow square"
     list     := item | item " and " item | item (", " item)+ [","] " and " item
-    item     := object | "one" COLOR SHAPE          "a blue circle", "one blue circle"
-              | NUMBER COLOR SHAPE "s"               "three red circles" (NUMBER two..four)
-    object   := "a" COLOR SHAPE
+    item     := object | "one" [SIZE] COLOR SHAPE   "a blue circle", "one small blue circle"
+              | NUMBER [SIZE] COLOR PLURAL           "three red circles" (NUMBER two..six)
+    object   := ("a" | "an") [SIZE] COLOR SHAPE      "an orange cross", "a large pink diamond"
 
-with COLOR in red/green/blue/yellow, SHAPE in circle/square/triangle, NUMBER in one..four and
-RELATION in "to the left of", "to the right of", "above", "below". A caption names each
-(colour, shape) at most once and at most four objects in all; anything else is refused with a
-:class:`WorldCaptionError`.
+with COLOR in red/green/blue/yellow/orange/purple/cyan/pink, SHAPE in circle/square/triangle/
+diamond/cross (PLURAL: circles ... crosses), SIZE in small/large, NUMBER in one..six and RELATION
+in "to the left of", "to the right of", "above", "below". A caption names each (colour, shape)
+at most once, at most six objects in all and at most four large ones; anything else is refused
+with a :class:`WorldCaptionError`.
 
-Examples per kind: single "a blue circle"; counting "three red circles", "one green square";
-binding "a red square and a blue circle"; spatial "a green triangle to the left of a yellow
-square"; multi "two red circles and a blue square", "a red circle, a green square and a blue
-triangle".
+Examples per kind: single "a blue circle"; counting "three red circles", "one small green
+square"; binding "a red square and a large blue circle"; spatial "a green triangle to the left
+of a yellow square"; multi "two red circles and a blue square", "a red circle, a green cross and
+a blue triangle".
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ import numpy as np
 from selma.world.scene import (
     COLORS,
     KINDS,
+    MAX_LARGE,
     MAX_OBJECTS,
     NUMBER_WORDS,
+    PLURALS,
     RELATIONS,
     SHAPES,
+    SIZES,
     Entity,
     Relation,
     Scene,
@@ -48,9 +52,10 @@ class WorldCaptionError(ValueError):
 
 
 _COLOR = "|".join(COLORS)
-_SHAPE = "|".join(SHAPES)
-_NUMBER = "|".join(("a",) + NUMBER_WORDS)
-_ITEM = re.compile(rf"^(?P<number>{_NUMBER}) (?P<color>{_COLOR}) (?P<shape>{_SHAPE})(?P<plural>s?)$")
+_NOUN = "|".join(sorted([*SHAPES, *PLURALS.values()], key=len, reverse=True))
+_NUMBER = "|".join(("a", "an") + NUMBER_WORDS)
+_ITEM = re.compile(rf"^(?P<number>{_NUMBER}) (?:(?P<size>{'|'.join(SIZES)}) )?(?P<color>{_COLOR}) (?P<noun>{_NOUN})$")
+_SINGULAR = {**{shape: shape for shape in SHAPES}, **{plural: shape for shape, plural in PLURALS.items()}}
 _SPATIAL = re.compile(rf"^(?P<subject>.+?) (?P<relation>{'|'.join(RELATIONS)}) (?P<object>.+)$")
 _SEPARATOR = re.compile(r"(, and |, | and )")
 
@@ -64,13 +69,13 @@ def normalize_caption(text: str) -> str:
 def _item(text: str, caption: str) -> Entity:
     match = _ITEM.match(text)
     if not match:
-        raise WorldCaptionError(f"{caption!r}: {text!r} is not '<number> <colour> <shape>' "
-                                f"(colours {', '.join(COLORS)}; shapes {', '.join(SHAPES)}; numbers a, one..four)")
-    word = match.group("number")
-    count = 1 if word == "a" else NUMBER_WORDS.index(word) + 1
-    if bool(match.group("plural")) != (count > 1):
+        raise WorldCaptionError(f"{caption!r}: {text!r} is not '<number> [small|large] <colour> <shape>' "
+                                f"(colours {', '.join(COLORS)}; shapes {', '.join(SHAPES)}; numbers a, one..six)")
+    word, noun = match.group("number"), match.group("noun")
+    count = 1 if word in ("a", "an") else NUMBER_WORDS.index(word) + 1
+    if (noun not in SHAPES) != (count > 1):
         raise WorldCaptionError(f"{caption!r}: {text!r}: the noun must be {'plural' if count > 1 else 'singular'}")
-    return Entity(count, match.group("color"), match.group("shape"), say_one=word == "one")
+    return Entity(count, match.group("color"), _SINGULAR[noun], say_one=word == "one", size=match.group("size"))
 
 
 def _check(graph: SceneGraph, caption: str) -> SceneGraph:
@@ -79,6 +84,8 @@ def _check(graph: SceneGraph, caption: str) -> SceneGraph:
         raise WorldCaptionError(f"{caption!r} names the same colour and shape twice")
     if graph.num_objects > MAX_OBJECTS:
         raise WorldCaptionError(f"{caption!r} has {graph.num_objects} objects; the world holds at most {MAX_OBJECTS}")
+    if graph.num_large > MAX_LARGE:
+        raise WorldCaptionError(f"{caption!r} has {graph.num_large} large objects; at most {MAX_LARGE} fit")
     return graph
 
 
@@ -110,15 +117,20 @@ def is_world_caption(caption: str) -> bool:
     return True
 
 
-def _phrase(entity: Entity) -> str:
-    if entity.count == 1:
-        return f"{'one' if entity.say_one else 'a'} {entity.color} {entity.shape}"
-    return f"{NUMBER_WORDS[entity.count - 1]} {entity.color} {entity.shape}s"
+def _phrase(entity: Entity, numbers: bool = True) -> str:
+    words = f"{entity.size} {entity.color}" if entity.size else entity.color
+    if entity.count > 1:
+        return f"{NUMBER_WORDS[entity.count - 1]} {words} {PLURALS[entity.shape]}" if numbers else \
+            f"{words} {PLURALS[entity.shape]}"
+    article = "one" if entity.say_one else "an" if words[0] in "aeiou" else "a"
+    return f"{article} {words} {entity.shape}"
 
 
-def format_caption(graph: SceneGraph) -> str:
-    """The caption of a scene graph (the grammar's canonical spelling)."""
-    phrases = [_phrase(e) for e in graph.entities]
+def format_caption(graph: SceneGraph, *, numbers: bool = True) -> str:
+    """The caption of a scene graph (the grammar's canonical spelling); with ``numbers=False``
+    each group of several is a bare plural ("red circles"), as loose alt-text has it (outside the
+    grammar)."""
+    phrases = [_phrase(e, numbers) for e in graph.entities]
     if graph.relations:
         if len(graph.relations) != 1 or len(graph.entities) != 2:
             raise WorldCaptionError("the grammar states one relation between two objects")
@@ -141,14 +153,14 @@ _INVERSE = {"to the right of": "to the left of", "below": "above"}
 def concept_key(graph: SceneGraph) -> str:
     """The caption's content regardless of wording: entities sorted, "B right of A" as "A left of
     B", "one" as "a". Captions with the same key describe the same scenes."""
-    entities = sorted((e.color, e.shape, e.count) for e in graph.entities)
+    entities = sorted((e.color, e.shape, e.count, e.size or "") for e in graph.entities)
     relations = []
     for r in graph.relations:
         subject, obj, relation = graph.entities[r.subject], graph.entities[r.object], r.relation
         if relation in _INVERSE:
             subject, obj, relation = obj, subject, _INVERSE[relation]
         relations.append(f"{subject.color} {subject.shape}|{relation}|{obj.color} {obj.shape}")
-    return ";".join(f"{n} {c} {s}" for c, s, n in entities) + "#" + ";".join(sorted(relations))
+    return ";".join(f"{n} {z} {c} {s}".replace("  ", " ") for c, s, n, z in entities) + "#" + ";".join(sorted(relations))
 
 
 def split_of(caption: str, test_fraction: float = 0.2, salt: str = "") -> str:
@@ -189,3 +201,24 @@ def sample_scenes(kind: str, n: int, seed: int = 0, *, split: str | None = None,
     if len(scenes) < n:
         raise RuntimeError(f"found only {len(scenes)} {kind} scenes in the {split} split")
     return scenes
+
+
+def kind_captions(kind: str) -> list[str]:
+    """Every caption of ``kind`` in the grammar's canonical spelling, one per concept (counting,
+    binding and spatial; ``split_of`` tells which of them are held out)."""
+    sizes = (None, *SIZES)
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    if kind == "counting":
+        graphs = [SceneGraph((Entity(n, c, s, say_one=True, size=z),)) for c, s in pairs
+                  for n in range(1, MAX_OBJECTS + 1) for z in sizes if not (z == "large" and n > MAX_LARGE)]
+    elif kind == "binding":
+        graphs = [SceneGraph((Entity(1, c, s, size=z), Entity(1, c2, s2, size=z2)))
+                  for i, (c, s) in enumerate(pairs) for c2, s2 in pairs[i + 1:] if c != c2 and s != s2
+                  for z in sizes for z2 in sizes]
+    elif kind == "spatial":  # "B right of A" is "A left of B": only left of and above
+        graphs = [SceneGraph((Entity(1, c, s, size=z), Entity(1, c2, s2, size=z2)), (Relation(0, r, 1),))
+                  for c, s in pairs for c2, s2 in pairs if (c, s) != (c2, s2)
+                  for z in sizes for z2 in sizes for r in ("to the left of", "above")]
+    else:
+        raise ValueError(f"kind_captions takes counting, binding or spatial, not {kind!r}")
+    return [format_caption(g) for g in graphs]

@@ -16,34 +16,39 @@ Detection (:func:`detect`), at 64×64 (other sizes are box-resized first):
    noise;
 4. shape: template IoU (:func:`shape_of`) on the component's soft coverage (its colour's
    coverage on the component and two pixels around it, holes filled). Each template (a disk, an
-   axis-aligned square, a triangle pointing up, down, left or right) is laid on the pixel grid
-   with the object's area and centroid, at 0.96, 1 and 1.04 times that size, and compared by
-   soft IoU. The best template names the shape when its IoU is at least ``min_iou`` (0.7) and
-   the component's bounding box has an aspect ratio of at most ``max_aspect`` (1.6); otherwise the shape
-   is unknown (None). Matching area and centroid (rather than stretching the bounding box to a
-   unit square) keeps small pixelated circles, whose thresholded box is tight, from looking
-   square; soft coverage keeps a one-pixel rim of half-covered edge pixels from deciding between
-   a circle and a square with rounded corners;
+   axis-aligned square, a triangle pointing up, down, left or right, a diamond, a plus-shaped
+   cross) is laid on the pixel grid with the object's area and centroid, at 0.96, 1 and 1.04
+   times that size, and compared by soft IoU (a hard-edged object, every pixel covered or not,
+   with templates sampled at pixel centres, the way it was drawn). The best template names the
+   shape when its IoU is at least ``min_iou`` (0.7) and the component's bounding box has an
+   aspect ratio of at most ``max_aspect`` (1.6); otherwise the shape is unknown (None).
+   Matching area and centroid (rather than stretching the bounding box to a unit square) keeps
+   small pixelated circles, whose thresholded box is tight, from looking square; soft coverage
+   keeps a one-pixel rim of half-covered edge pixels from deciding between a circle and a square
+   with rounded corners;
 5. centroid (coverage-weighted, x and y) and bounding box per component.
 
 Questions (:func:`questions`): per entity of the caption's scene graph, in caption order,
 "Is there a circle?" / "Are there circles?" (entity/whole, once per shape), "Is the circle red?"
-(attribute/color; parent: the shape's question) and, for counts above one or a spelled-out
+(attribute/color; parent: the shape's question), for a sized entity "Is the red circle small?"
+(attribute/size; parent: the colour question) and, for counts above one or a spelled-out
 "one", "Are there exactly three red circles?" (other/count; parents: the shape and colour
 questions); then per relation "Is the green triangle to the left of the yellow square?"
 (relation/spatial; parents: both shapes' questions). Ids start at 1; every answer is "yes".
 
 Answers (:func:`answer_question`) follow from the question text alone (so a VQA backend can give
 them): a shape question is "yes" when some component has that shape; a colour question when some
-component has that shape and colour; a count question when exactly that many components have
+component has that shape and colour; a size question when some component has that shape,
+colour and size (:attr:`Detection.size`: small when the best template's side is below
+:data:`selma.world.scene.SIZE_SPLIT`); a count question when exactly that many components have
 that colour and shape; a spatial question when some pair of such components satisfies the
 world's relation rule (:func:`selma.world.scene.relation_holds`: the centroids' offset along the
 relation's axis is positive and larger than across it).
 
 Prompt accuracy (:meth:`WorldEvaluator.prompt_accuracy`): every entity's (colour, shape) has
-exactly its count of components, every relation holds, and (unless ``allow_extra``) there is no
-other component of at least ``min_area`` pixels: none of an unmentioned colour or shape, of
-unknown shape or of no palette colour. The DSG questions do not ask about extra objects (as in
+exactly its count of components, all of its size if it has one, every relation holds, and
+(unless ``allow_extra``) there is no other component of at least ``min_area`` pixels: none of an
+unmentioned colour or shape, of unknown shape or of no palette colour. The DSG questions do not ask about extra objects (as in
 DSG), so an image can score 1.0 on them and still fail prompt accuracy.
 """
 
@@ -57,7 +62,18 @@ from PIL import Image
 
 from selma.core.scoring import score_answers
 from selma.world.captions import parse_caption
-from selma.world.scene import CANVAS, COLORS, NUMBER_WORDS, RELATIONS, SHAPES, SceneGraph, relation_holds
+from selma.world.scene import (
+    CANVAS,
+    COLORS,
+    NUMBER_WORDS,
+    PLURALS,
+    RELATIONS,
+    SHAPES,
+    SIZE_SPLIT,
+    SIZES,
+    SceneGraph,
+    relation_holds,
+)
 
 MIN_AREA = 20
 MIN_IOU = 0.7
@@ -79,6 +95,12 @@ class Detection:
     centroid: tuple[float, float]  # (x, y), pixel centres at +0.5
     bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 / y1 exclusive
     iou: float  # IoU with the best template
+    side: float = 0.0  # bounding-box side of the best template fitted to the object's area
+
+    @property
+    def size(self) -> str:
+        """"small" or "large" (by :data:`selma.world.scene.SIZE_SPLIT`)."""
+        return "small" if self.side < SIZE_SPLIT else "large"
 
 
 # --------------------------------------------------------------------------- detection
@@ -86,7 +108,7 @@ class Detection:
 
 # (shape, orientation): the shape templates; a triangle may point up, down, left or right.
 TEMPLATES = (("circle", ""), ("square", ""), ("triangle", "up"), ("triangle", "down"), ("triangle", "left"),
-             ("triangle", "right"))
+             ("triangle", "right"), ("diamond", ""), ("cross", ""))
 TEMPLATE_SCALES = (0.96, 1.0, 1.04)
 TEMPLATE_SUPERSAMPLE = 2  # template coverage from 2×2 samples per pixel
 
@@ -100,6 +122,11 @@ def template_mask(shape: str, orientation: str, cx: float, cy: float, size: floa
         return dx * dx + dy * dy <= half * half
     if shape == "square":
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= half
+    if shape == "cross":
+        arm = half / 3
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= half)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= half))
     depth, across = {"up": (dy + half, dx), "down": (half - dy, dx), "left": (dx + half, dy),
                      "right": (half - dx, dy)}[orientation]
     return (depth >= 0) & (depth <= size) & (np.abs(across) <= depth / 2)
@@ -112,6 +139,10 @@ def _fitted(shape: str, orientation: str, area: float, centroid: tuple[float, fl
         return x, y, 2 * np.sqrt(area / np.pi)
     if shape == "square":
         return x, y, np.sqrt(area)
+    if shape == "diamond":
+        return x, y, np.sqrt(2 * area)
+    if shape == "cross":  # five ninths of its box
+        return x, y, np.sqrt(9 * area / 5)
     size = np.sqrt(2 * area)
     shift = {"up": (0, size / 6), "down": (0, -size / 6), "left": (size / 6, 0), "right": (-size / 6, 0)}[orientation]
     return x - shift[0], y - shift[1], size
@@ -151,8 +182,9 @@ def classify_pixels(pixels: np.ndarray, max_off_line: float = MAX_OFF_LINE) -> t
     return np.where(best_coverage < 0.5, -1, labels), coverage[..., :len(PALETTE)]
 
 
-def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float]]:
-    """(best shape, its soft IoU, area, centroid (x, y) in the crop) of one object's coverage map
+def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float], float]:
+    """(best shape, its soft IoU, area, centroid (x, y) in the crop, the best template's side) of
+    one object's coverage map
     (0..1 per pixel, zero off the object), cropped with a margin around it.
 
     Each template is laid on the pixel grid with the object's area and centroid (at 0.96, 1 and
@@ -161,12 +193,16 @@ def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float]]
     pixel as they cover, so a one-pixel rim more or less does not decide the shape.
     """
     h, w = alpha.shape
-    k = TEMPLATE_SUPERSAMPLE
+    # A hard-edged map (every pixel 0 or 1, as plain renders draw) is compared with templates
+    # sampled at pixel centres, the way it was drawn: small pixelated circles are octagons that
+    # 2×2-sampled templates may call squares.
+    hard = bool(np.all((alpha < 1e-6) | (alpha > 1 - 1e-6)))
+    k = 1 if hard else TEMPLATE_SUPERSAMPLE
     ys, xs = np.mgrid[0:h, 0:w] + 0.5
     area = float(alpha.sum())
     centroid = (float((alpha * xs).sum() / area), float((alpha * ys).sum() / area))
     sub_x, sub_y = np.meshgrid((np.arange(w * k) + 0.5) / k, (np.arange(h * k) + 0.5) / k)
-    best_shape, best_iou = "", -1.0
+    best_shape, best_iou, best_side = "", -1.0, 0.0
     for shape, orientation in TEMPLATES:
         cx, cy, size = _fitted(shape, orientation, area, centroid)
         for scale in TEMPLATE_SCALES:
@@ -174,8 +210,8 @@ def shape_of(alpha: np.ndarray) -> tuple[str, float, float, tuple[float, float]]
             template = template.reshape(h, k, w, k).mean(axis=(1, 3))
             iou = float(np.minimum(alpha, template).sum() / max(np.maximum(alpha, template).sum(), 1e-9))
             if iou > best_iou:
-                best_shape, best_iou = shape, iou
-    return best_shape, best_iou, area, centroid
+                best_shape, best_iou, best_side = shape, iou, float(size * scale)
+    return best_shape, best_iou, area, centroid, best_side
 
 
 def detect(image, *, min_area: int = MIN_AREA, min_iou: float = MIN_IOU, max_aspect: float = MAX_ASPECT,
@@ -206,21 +242,21 @@ def detect(image, *, min_area: int = MIN_AREA, min_iou: float = MIN_IOU, max_asp
                 alpha = np.where(filled & ~mask, 1.0, alpha)
             else:
                 alpha = filled.astype(np.float64)
-            shape, iou, _, (cx, cy) = shape_of(alpha)
+            shape, iou, _, (cx, cy), side = shape_of(alpha)
             if iou < min_iou or max(y1 - y0, x1 - x0) > max_aspect * min(y1 - y0, x1 - x0):
                 shape = None
             found.append(Detection(color=PALETTE[value] if value < len(PALETTE) else None, shape=shape, area=area,
-                                   centroid=(cx + wx0, cy + wy0), bbox=(x0, y0, x1, y1), iou=iou))
+                                   centroid=(cx + wx0, cy + wy0), bbox=(x0, y0, x1, y1), iou=iou, side=side))
     return found
 
 
 # --------------------------------------------------------------------------- questions
 
-CATEGORIES = {"whole": "entity", "color": "attribute", "count": "other", "spatial": "relation"}
+CATEGORIES = {"whole": "entity", "color": "attribute", "size": "attribute", "count": "other", "spatial": "relation"}
 
 
 def _plural(shape: str) -> str:
-    return shape + "s"
+    return PLURALS[shape]
 
 
 def _row(question_id: int, question: str, parents: list[int], detailed: str) -> dict:
@@ -242,6 +278,10 @@ def graph_questions(graph: SceneGraph) -> list[dict]:
         text = f"Are the {_plural(shape)} {color}?" if entity.count > 1 else f"Is the {shape} {color}?"
         rows.append(_row(len(rows) + 1, text, [shape_question[shape]], "color"))
         color_question = len(rows)
+        if entity.size:
+            text = (f"Are the {color} {_plural(shape)} {entity.size}?" if entity.count > 1
+                    else f"Is the {color} {shape} {entity.size}?")
+            rows.append(_row(len(rows) + 1, text, [color_question], "size"))
         if entity.count > 1 or entity.say_one:
             word = NUMBER_WORDS[entity.count - 1]
             text = (f"Are there exactly {word} {color} {_plural(shape)}?" if entity.count > 1
@@ -261,12 +301,15 @@ def questions(caption: str) -> list[dict]:
     return graph_questions(parse_caption(caption))
 
 
-_C, _S = "|".join(COLORS), "|".join(SHAPES)
+_C, _S, _P = "|".join(COLORS), "|".join(SHAPES), "|".join(PLURALS.values())
+_SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
 _QUESTION_FORMS = (
-    ("whole", re.compile(rf"^(?:is there an? (?P<shape>{_S})|are there (?P<shapes>{_S})s)$")),
-    ("color", re.compile(rf"^(?:is the (?P<shape>{_S})|are the (?P<shapes>{_S})s) (?P<color>{_C})$")),
+    ("whole", re.compile(rf"^(?:is there an? (?P<shape>{_S})|are there (?P<shapes>{_P}))$")),
+    ("color", re.compile(rf"^(?:is the (?P<shape>{_S})|are the (?P<shapes>{_P})) (?P<color>{_C})$")),
+    ("size", re.compile(rf"^(?:is|are) the (?P<color>{_C}) (?:(?P<shape>{_S})|(?P<shapes>{_P})) "
+                        rf"(?P<size>{'|'.join(SIZES)})$")),
     ("count", re.compile(rf"^(?:is|are) there exactly (?P<number>{'|'.join(NUMBER_WORDS)}) (?P<color>{_C}) "
-                         rf"(?:(?P<shape>{_S})|(?P<shapes>{_S})s)$")),
+                         rf"(?:(?P<shape>{_S})|(?P<shapes>{_P}))$")),
     ("spatial", re.compile(rf"^is the (?P<color>{_C}) (?P<shape>{_S}) (?P<relation>{'|'.join(RELATIONS)}) "
                            rf"the (?P<color2>{_C}) (?P<shape2>{_S})$")),
 )
@@ -280,7 +323,7 @@ def parse_question(question: str) -> tuple[str, dict]:
         if match:
             fields = {k: v for k, v in match.groupdict().items() if v is not None}
             if "shapes" in fields:
-                fields["shape"] = fields.pop("shapes")
+                fields["shape"] = _SINGULAR[fields.pop("shapes")]
             return form, fields
     raise WorldQuestionError(f"not a shapes-world question: {question!r}")
 
@@ -292,6 +335,8 @@ def answer_question(detections: list[Detection], question: str) -> str:
         found = any(d.shape == f["shape"] for d in detections)
     elif form == "color":
         found = any(d.shape == f["shape"] and d.color == f["color"] for d in detections)
+    elif form == "size":
+        found = any(d.shape == f["shape"] and d.color == f["color"] and d.size == f["size"] for d in detections)
     elif form == "count":
         number = NUMBER_WORDS.index(f["number"]) + 1
         found = sum(d.shape == f["shape"] and d.color == f["color"] for d in detections) == number
@@ -305,7 +350,8 @@ def answer_question(detections: list[Detection], question: str) -> str:
 def matches(detections: list[Detection], graph: SceneGraph, *, allow_extra: bool = False) -> bool:
     """Whether the detections are exactly what the graph states (see the module docstring)."""
     for entity in graph.entities:
-        if sum(d.color == entity.color and d.shape == entity.shape for d in detections) != entity.count:
+        found = [d for d in detections if d.color == entity.color and d.shape == entity.shape]
+        if len(found) != entity.count or (entity.size and any(d.size != entity.size for d in found)):
             return False
     if not allow_extra and len(detections) != graph.num_objects:
         return False

@@ -31,6 +31,12 @@ def shape_mask(obj: WorldObject, xs: np.ndarray, ys: np.ndarray, corner_radius: 
         # Upright: apex at the top centre, base along the bottom of the box.
         depth = dy + half  # 0 at the apex, size at the base
         return (depth >= 0) & (depth <= obj.size) & (np.abs(dx) <= depth / 2)
+    if obj.shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= half
+    if obj.shape == "cross":
+        # A plus sign whose arms are a third of the side wide.
+        arm = half / 3
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= half)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= half))
     raise ValueError(f"unknown shape {obj.shape!r}")
 
 

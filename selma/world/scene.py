@@ -3,6 +3,9 @@ objects are) and a seeded scene sampler per kind of caption.
 
 Coordinates are in pixels of the 64×64 canvas, x to the right and y downwards; an object is
 given by its shape, colour, bounding-box centre and bounding-box side ``size``.
+
+World v2: eight colours, five shapes, counts up to six, two sizes (a caption may call an object
+small or large; one it does not size may be either) and four relations.
 """
 
 from __future__ import annotations
@@ -12,17 +15,31 @@ from dataclasses import dataclass, field
 import numpy as np
 
 CANVAS = 64
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+PLURALS = {shape: shape + ("es" if shape.endswith("s") else "s") for shape in SHAPES}
+# Seen from the white background each colour is a direction in RGB; the evaluator tells colours
+# apart by those directions, which are at least 17° apart here (and from black's).
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 200, 30),
+    "red": (225, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (40, 70, 225),
+    "yellow": (245, 215, 0),
+    "orange": (250, 120, 0),
+    "purple": (130, 40, 200),
+    "cyan": (0, 190, 220),
+    "pink": (240, 70, 180),
 }
 BACKGROUND = (255, 255, 255)
-NUMBER_WORDS = ("one", "two", "three", "four")
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
-MAX_OBJECTS = 4
+MAX_OBJECTS = 6
+# Bounding-box sides (pixels) of small and large objects, and of objects a caption does not size;
+# the evaluator calls a detection small below SIZE_SPLIT. Large objects take room: at most
+# MAX_LARGE of them fit beside the rest.
+SIZES: dict[str, tuple[int, int]] = {"small": (12, 14), "large": (18, 20)}
+ANY_SIZE = (12, 20)
+SIZE_SPLIT = 16.0
+MAX_LARGE = 4
 # Kinds of scene / caption the sampler draws; the world skills group them.
 KINDS = ("single", "counting", "binding", "spatial", "multi")
 SKILL_KINDS: dict[str, tuple[str, ...]] = {
@@ -32,23 +49,24 @@ SKILL_KINDS: dict[str, tuple[str, ...]] = {
     "world_spatial": ("spatial",),
 }
 
-# Sampler geometry (pixels): object sizes, the margin to the canvas edge and the least gap
-# between two objects' bounding boxes.
-MIN_SIZE, MAX_SIZE = 14, 20
-EDGE_MARGIN = 2.0
-GAP = 4.0
+# Sampler geometry (pixels): the margin to the canvas edge and the least gap between two objects'
+# bounding boxes; the share of sampled objects given a size word.
+EDGE_MARGIN = 1.0
+GAP = 2.0
 PLACEMENT_TRIES = 2000
+SIZED_SHARE = 0.5
 
 
 @dataclass(frozen=True)
 class Entity:
-    """``count`` objects of one colour and shape; ``say_one`` writes a count of 1 as "one"
-    rather than "a" (it does not take part in comparisons)."""
+    """``count`` objects of one colour and shape, all ``size`` ("small", "large" or None: either);
+    ``say_one`` writes a count of 1 as "one" rather than "a" (it does not take part in comparisons)."""
 
     count: int
     color: str
     shape: str
     say_one: bool = field(default=False, compare=False)
+    size: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -74,6 +92,10 @@ class SceneGraph:
     @property
     def num_objects(self) -> int:
         return sum(e.count for e in self.entities)
+
+    @property
+    def num_large(self) -> int:
+        return sum(e.count for e in self.entities if e.size == "large")
 
     @property
     def kind(self) -> str:
@@ -146,14 +168,22 @@ def _pick(rng: np.random.Generator, options, k: int = 1) -> list:
     return [options[i] for i in rng.choice(len(options), size=k, replace=False)]
 
 
+def _size(rng: np.random.Generator, count: int = 1) -> str | None:
+    """No size word (half the time), else small or large (large only for up to MAX_LARGE objects)."""
+    if rng.random() >= SIZED_SHARE:
+        return None
+    return "large" if count <= MAX_LARGE and rng.random() < 0.5 else "small"
+
+
 def sample_graph(kind: str, seed=None) -> SceneGraph:
     """A random scene graph of ``kind`` (see :data:`KINDS`)."""
     rng = _rng(seed)
     if kind == "single":
-        return SceneGraph((Entity(1, _pick(rng, list(COLORS))[0], _pick(rng, SHAPES)[0]),))
+        return SceneGraph((Entity(1, _pick(rng, list(COLORS))[0], _pick(rng, SHAPES)[0], size=_size(rng)),))
     if kind == "counting":
-        return SceneGraph((Entity(int(rng.integers(1, MAX_OBJECTS + 1)), _pick(rng, list(COLORS))[0],
-                                  _pick(rng, SHAPES)[0], say_one=True),))
+        count = int(rng.integers(1, MAX_OBJECTS + 1))
+        return SceneGraph((Entity(count, _pick(rng, list(COLORS))[0], _pick(rng, SHAPES)[0], say_one=True,
+                                  size=_size(rng, count)),))
     if kind in ("binding", "spatial"):
         colors, shapes = _pick(rng, list(COLORS), 2), _pick(rng, SHAPES, 2)
         if kind == "spatial" and rng.random() < 0.5:
@@ -162,11 +192,11 @@ def sample_graph(kind: str, seed=None) -> SceneGraph:
                 colors[1] = colors[0]
             else:
                 shapes[1] = shapes[0]
-        entities = (Entity(1, colors[0], shapes[0]), Entity(1, colors[1], shapes[1]))
+        entities = (Entity(1, colors[0], shapes[0], size=_size(rng)), Entity(1, colors[1], shapes[1], size=_size(rng)))
         relations = (Relation(0, _pick(rng, RELATIONS)[0], 1),) if kind == "spatial" else ()
         return SceneGraph(entities, relations)
     if kind == "multi":
-        # Two or three groups, at most four objects; not the two-object form binding captions take.
+        # Two or three groups, at most MAX_OBJECTS objects; not the two-object form binding captions take.
         while True:
             groups = int(rng.integers(2, 4))
             pairs = [(c, s) for c in COLORS for s in SHAPES]
@@ -174,8 +204,8 @@ def sample_graph(kind: str, seed=None) -> SceneGraph:
             counts = [1] * groups
             for _ in range(int(rng.integers(0, MAX_OBJECTS - groups + 1))):
                 counts[int(rng.integers(groups))] += 1
-            graph = SceneGraph(tuple(Entity(n, c, s) for n, (c, s) in zip(counts, chosen)))
-            if graph.kind == "multi":
+            graph = SceneGraph(tuple(Entity(n, c, s, size=_size(rng, n)) for n, (c, s) in zip(counts, chosen)))
+            if graph.kind == "multi" and graph.num_large <= MAX_LARGE:
                 return graph
     raise ValueError(f"unknown scene kind {kind!r}; expected one of {KINDS}")
 
@@ -202,12 +232,12 @@ def place_objects(graph: SceneGraph, seed=None, canvas: int = CANVAS) -> tuple[W
     """Non-overlapping objects for ``graph`` (boxes at least :data:`GAP` apart, inside the canvas)
     with its relations holding clearly; in entity order."""
     rng = _rng(seed)
-    wanted = [(e.shape, e.color) for e in graph.entities for _ in range(e.count)]
+    wanted = [(e.shape, e.color, SIZES.get(e.size, ANY_SIZE)) for e in graph.entities for _ in range(e.count)]
     index_of_entity = [sum(e.count for e in graph.entities[:number]) for number in range(len(graph.entities))]
     for _ in range(PLACEMENT_TRIES):
         objects: list[WorldObject] = []
-        for shape, color in wanted:
-            size = float(rng.integers(MIN_SIZE, MAX_SIZE + 1))
+        for shape, color, (least, most) in wanted:
+            size = float(rng.integers(least, most + 1))
             low, high = EDGE_MARGIN + size / 2, canvas - EDGE_MARGIN - size / 2
             for _ in range(50):
                 candidate = WorldObject(shape, color, float(rng.uniform(low, high)), float(rng.uniform(low, high)), size)
