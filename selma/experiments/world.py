@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -187,6 +188,8 @@ def derived_tables(source: RunDir, config, name: str, progress: Callable[[str], 
             prompts = source.read_table("prompts", skill)
             if prompts is None:
                 raise RuntimeError(f"{source.uri} has no prompts of {skill}; the SELMA run must write them first")
+            # The prompts the SELMA run drew images of: its LLM-written ones, not the seed examples.
+            prompts = prompts.filter(pc.equal(prompts.column("origin"), "llm"))
             tables[skill] = ground_truth_images(prompts, config.images.images_per_prompt, config.images.seed)
             continue
         images = source.read_table("images", skill)
