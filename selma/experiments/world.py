@@ -242,7 +242,8 @@ def run_experiment(config, out: str | Path, arms: tuple[str, ...] = ARMS, progre
         try:
             resolve_model(weak_model)
         except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"--weak-model: {err}") from None
+            raise ConfigError(f"--weak-model: {err} (or give --weak-model a model folder, or leave weak_to_strong "
+                              "out of --arms)") from None
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
