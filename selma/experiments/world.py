@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -57,7 +56,7 @@ from selma.eval.report import grouped_bars
 from selma.eval.vqa import vqa_backend_of
 from selma.images.export import png_bytes_of, with_hf_features
 from selma.images.generator import png_bytes
-from selma.images.stage import IMAGE_COLUMNS, planned_images
+from selma.images.stage import IMAGE_COLUMNS, planned_images, prompts_to_draw
 from selma.merge.methods import merge_experts
 from selma.pipeline import run_eval, run_stages
 from selma.world import WorldEvaluator, parse_caption, render
@@ -188,9 +187,8 @@ def derived_tables(source: RunDir, config, name: str, progress: Callable[[str], 
             prompts = source.read_table("prompts", skill)
             if prompts is None:
                 raise RuntimeError(f"{source.uri} has no prompts of {skill}; the SELMA run must write them first")
-            # The prompts the SELMA run drew images of: its LLM-written ones, not the seed examples.
-            prompts = prompts.filter(pc.equal(prompts.column("origin"), "llm"))
-            tables[skill] = ground_truth_images(prompts, config.images.images_per_prompt, config.images.seed)
+            tables[skill] = ground_truth_images(prompts_to_draw(prompts, [skill]), config.images.images_per_prompt,
+                                                config.images.seed)
             continue
         images = source.read_table("images", skill)
         if images is None:

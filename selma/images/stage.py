@@ -187,14 +187,20 @@ def run_image_stage(config, run: RunDir, progress=None, prompt_stream=None) -> d
     return {"counts": counts, "failed": len(failed_ids), "images_per_second": round(rate, 3)}
 
 
+def prompts_to_draw(prompts: pa.Table, skills: list[str]) -> pa.Table:
+    """The rows of a prompts table that get images: the LLM-written prompts of ``skills`` (not the
+    skills' seed examples)."""
+    prompts = prompts.filter(pc.equal(prompts.column("origin"), "llm"))
+    return prompts.filter(pc.is_in(prompts.column("skill"), pa.array(skills)))
+
+
 def _image_plan(config, run: RunDir) -> tuple[pa.Table, set[str], pa.Table]:
     """(every planned image of the written prompts, the ids already written, those still to draw)."""
     prompts = run.read_table("prompts")
     if prompts is None:
         raise RuntimeError(f"no prompts in {run.uri}; run the prompt stage first")
-    prompts = prompts.filter(pc.equal(prompts.column("origin"), "llm"))
-    prompts = prompts.filter(pc.is_in(prompts.column("skill"), pa.array(config.skills.names)))
-    plan = planned_images(prompts, config.images.images_per_prompt, config.images.seed)
+    plan = planned_images(prompts_to_draw(prompts, config.skills.names), config.images.images_per_prompt,
+                          config.images.seed)
     done = image_ids(run) & set(plan.column("image_id").to_pylist())
     return plan, done, not_yet_drawn(plan, done)
 
