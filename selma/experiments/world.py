@@ -377,12 +377,22 @@ def run_calibration(config, out: str | Path, recipes: dict[str, list[str]] | Non
         progress(f"[calibrate] {name}: " + ", ".join(
             f"{kind} {100 * base[kind]['accuracy']:.1f} -> {100 * k['ground_truth']['accuracy']:.1f}"
             for kind, k in row["kinds"].items() if k["ground_truth"]) + (" (passes)" if row["passes"] else ""))
+    rows = earlier_recipe_rows(out / "calibration.json", rows)
     record = {"config": config.model_dump(mode="json"), "truth_seeds": list(truth_seeds), "base": base,
               "recipes": rows, "machine": _machine()}
     (out / "calibration.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     (out / "calibration.md").write_text(markdown_calibration(record))
     progress(f"[calibrate] {out / 'calibration.md'}")
     return record
+
+
+def earlier_recipe_rows(record_file: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` after the rows of an earlier ``calibrate`` into the same folder (same base scores,
+    prompts and image seeds) for recipes not rerun now, so the table grows one recipe at a time."""
+    if not record_file.is_file():
+        return rows
+    rerun = {row["recipe"] for row in rows}
+    return [row for row in json.loads(record_file.read_text())["recipes"] if row["recipe"] not in rerun] + rows
 
 
 def markdown_calibration(record: dict) -> str:

@@ -19,6 +19,7 @@ from selma.experiments.world import (
     _with_overrides,
     accuracy_by_kind,
     check_experiment,
+    earlier_recipe_rows,
     filtered_images,
     ground_truth_images,
     markdown_calibration,
@@ -187,6 +188,15 @@ def test_the_calibration_table_says_which_recipes_pass():
     assert "| big | 40.0 ± 2.0 (+15.0) [38.0; 42.0] | - | yes | 2.0 | `train.rank=32` |" in text
     record["base"]["spatial"] = cell(0.05)
     assert "The base model on the other kinds: spatial 5.0 ± 2.0." in markdown_calibration(record)
+
+
+def test_calibrating_one_recipe_keeps_the_rows_of_recipes_calibrated_earlier_in_the_folder(tmp_path):
+    row = lambda name, gain: {"recipe": name, "overrides": [], "kinds": {"counting": {"gain": gain}}}  # noqa: E731
+    record_file = tmp_path / "calibration.json"
+    assert earlier_recipe_rows(record_file, [row("a", 0.1)]) == [row("a", 0.1)]
+    record_file.write_text(json.dumps({"recipes": [row("a", 0.1), row("b", 0.2)]}))
+    assert earlier_recipe_rows(record_file, [row("b", 0.3), row("c", 0.0)]) == [row("a", 0.1), row("b", 0.3),
+                                                                                   row("c", 0.0)]
 
 
 @pytest.mark.slow
