@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_base.add_argument("out", help="output folder (a diffusers pipeline; use it as model: OUT)")
     train_base.add_argument("overrides", nargs="*", metavar="key=value",
                             help="BaseModelConfig fields, e.g. steps=2000 threads=4 (see selma.world.base)")
+    ceiling = world_commands.add_parser(
+        "ceiling", help="fine-tune every weight on ground-truth renders of one kind: how far perfect data can move "
+                        "the model at all (the bound on any LoRA recipe of that many steps)")
+    ceiling.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="CeilingConfig fields, e.g. kind=binding steps=600 text_encoder=false (see selma.world.ceiling)")
+    ceiling.add_argument("--json", metavar="FILE", help="also write the rows and the config to FILE")
     experiment = world_commands.add_parser(
         "experiment", help="base vs SELMA experts, merges, joint LoRA, filtered and ground-truth data; writes OUT/report.md")
     experiment.add_argument("out", help="experiment folder (reruns resume)")
@@ -267,20 +273,31 @@ def _cmd_world(args) -> int:
     from selma.core.config import format_validation_error, parse_override
     from selma.core.errors import ConfigError
 
-    if args.world_command == "train-base":
+    if args.world_command in ("train-base", "ceiling"):
         from pydantic import ValidationError
 
         from selma.world.base import BaseModelConfig, train_base_model
+        from selma.world.ceiling import CeilingConfig, finetune_ceiling
 
         fields = {}
         for text in args.overrides:
             path, value = parse_override(text)
             fields[".".join(path)] = value
         try:
-            config = BaseModelConfig.model_validate(fields)
+            config = (BaseModelConfig if args.world_command == "train-base" else CeilingConfig).model_validate(fields)
         except ValidationError as err:
             raise ConfigError(format_validation_error(err)) from None
-        train_base_model(args.out, config)
+        if args.world_command == "train-base":
+            train_base_model(args.out, config)
+            return 0
+        rows = finetune_ceiling(config)
+        print(f"\n| step | {config.kind} exact % | training loss |\n|---|---|---|")
+        for row in rows:
+            loss = "" if row["loss"] is None else f"{row['loss']:.4f}"
+            print(f"| {row['step']} | {100 * row['accuracy']:.1f} ± {100 * row['stderr']:.1f} | {loss} |")
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as out:
+                json.dump({"config": config.model_dump(), "rows": rows}, out, indent=2)
         return 0
     from selma.experiments.world import ARMS, run_calibration, run_experiment, write_experiment_report
 
