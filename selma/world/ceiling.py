@@ -15,9 +15,15 @@ import time
 from typing import Callable
 
 import numpy as np
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from selma.core.models import resolve_model
+from selma.train.recipe import noise_prediction_loss
+from selma.world.base import _encode_text, _pixels
 from selma.world.captions import caption_of, sample_scenes
+from selma.world.evaluator import WorldEvaluator
 from selma.world.scene import KINDS
 
 
@@ -53,10 +59,6 @@ class CeilingConfig(BaseModel):
 
 def score_prompts(pipe, prompts: list[str], config: CeilingConfig) -> dict:
     """Prompt accuracy (mean and s.e. over prompts) of ``pipe`` on ``prompts``, ``image_seeds`` images each."""
-    import torch
-
-    from selma.world.evaluator import WorldEvaluator
-
     evaluator, per_prompt = WorldEvaluator(), np.zeros(len(prompts))
     with torch.no_grad():
         for image_seed in range(config.image_seeds):
@@ -75,13 +77,6 @@ def score_prompts(pipe, prompts: list[str], config: CeilingConfig) -> dict:
 def finetune_ceiling(config: CeilingConfig, progress: Callable[[str], None] = print) -> list[dict]:
     """Fine-tune the whole model on ground-truth renders of ``config.kind``; one row per scoring:
     ``{"step", "accuracy", "stderr", "loss"}`` (step 0 is the model as loaded)."""
-    import torch
-    from diffusers import DDPMScheduler, DiffusionPipeline
-
-    from selma.core.models import resolve_model
-    from selma.train.recipe import noise_prediction_loss
-    from selma.world.base import _encode_text, _pixels
-
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
