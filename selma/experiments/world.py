@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import platform
 import time
@@ -51,6 +50,7 @@ from selma.core.config import apply_override, parse_override
 from selma.core.errors import ConfigError
 from selma.core.models import resolve_model
 from selma.core.rundir import RunDir
+from selma.core.scoring import mean_and_stderr
 from selma.core.stage import StageBase, StageContext
 from selma.eval.report import grouped_bars
 from selma.eval.vqa import vqa_backend_of
@@ -494,9 +494,8 @@ def accuracy_by_kind(run: RunDir, models: str | list[str]) -> dict[str, dict]:
         means = [sum(a for a, _ in values) / len(values) for values in per_item]
         scores = [sum(s for _, s in values) / len(values) for values in per_item]
         n = len(means)
-        mean = sum(means) / n
-        variance = sum((m - mean) ** 2 for m in means) / (n - 1) if n > 1 else 0.0
-        result[kind] = {"accuracy": mean, "stderr": math.sqrt(variance / n), "dsg": sum(scores) / n,
+        mean, stderr = mean_and_stderr(means)
+        result[kind] = {"accuracy": mean, "stderr": stderr, "dsg": sum(scores) / n,
                         "prompts": n, "images": sum(len(v) for v in per_item)}
         if found > 1:
             result[kind]["runs"] = found

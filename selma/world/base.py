@@ -238,15 +238,19 @@ def encode_pool(vae, config: BaseModelConfig, progress: Callable[[str], None], d
     rng = np.random.default_rng([config.seed, 2])
     kinds = [config.kinds[int(i)] for i in rng.integers(len(config.kinds), size=config.pool_size)]
     scenes = [sample_scene(kind, int(rng.integers(2**62))) for kind in kinds]
-    means = []
-    with torch.no_grad():
-        for start in range(0, len(scenes), 256):
-            means.append(vae.encode(_pixels(scenes[start:start + 256]).to(device)).latent_dist.mean)
+    means = encode_scenes(vae, scenes, device)
     progress(f"[world] encoded {len(scenes)} training scenes")
-    return scenes, torch.cat(means)
+    return scenes, means
 
 
-def _encode_text(tokenizer, text_encoder, captions: list[str]):
+def encode_scenes(vae, scenes, device: str = "cpu") -> torch.Tensor:
+    """The VAE's latent means of the scenes' renders, rendered and encoded 256 at a time."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(_pixels(scenes[start:start + 256]).to(device)).latent_dist.mean
+                          for start in range(0, len(scenes), 256)])
+
+
+def encode_captions(tokenizer, text_encoder, captions: list[str]):
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids.to(text_encoder.device))[0]
@@ -284,7 +288,7 @@ def train_denoiser(tokenizer, text_encoder, unet, scheduler, pool, scaling_facto
                                   generator=generator)
         latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, _encode_text(tokenizer, text_encoder, captions)).sample
+        prediction = unet(noisy, timesteps, encode_captions(tokenizer, text_encoder, captions)).sample
         errors = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             snr = compute_snr(noise_scheduler, timesteps)

@@ -10,7 +10,6 @@ steps, no recipe of that budget is expected to reach either. Nothing is saved bu
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -20,8 +19,9 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selma.core.models import resolve_model
+from selma.core.scoring import mean_and_stderr
 from selma.train.recipe import noise_prediction_loss
-from selma.world.base import _encode_text, _pixels
+from selma.world.base import encode_captions, encode_scenes
 from selma.world.captions import caption_of, sample_scenes
 from selma.world.evaluator import WorldEvaluator
 from selma.world.scene import KINDS
@@ -70,8 +70,8 @@ def score_prompts(pipe, prompts: list[str], config: CeilingConfig) -> dict:
                 for i, image in enumerate(images):
                     pixels = (image * 255).round().astype(np.uint8)
                     per_prompt[start + i] += evaluator.prompt_accuracy(pixels, batch[i]) / config.image_seeds
-    stderr = float(per_prompt.std(ddof=1) / math.sqrt(len(prompts))) if len(prompts) > 1 else 0.0
-    return {"accuracy": float(per_prompt.mean()), "stderr": stderr}
+    mean, stderr = mean_and_stderr(per_prompt.tolist())
+    return {"accuracy": mean, "stderr": stderr}
 
 
 def finetune_ceiling(config: CeilingConfig, progress: Callable[[str], None] = print) -> list[dict]:
@@ -85,9 +85,7 @@ def finetune_ceiling(config: CeilingConfig, progress: Callable[[str], None] = pr
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     scenes = sample_scenes(config.kind, config.scenes, seed=config.seed + 1000, split="train")
     captions = [caption_of(scene) for scene in scenes]
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(_pixels(scenes[i:i + 256])).latent_dist.mean
-                             for i in range(0, len(scenes), 256)]) * vae.config.scaling_factor
+    latents = encode_scenes(vae, scenes) * vae.config.scaling_factor
     held_out = [caption_of(scene) for scene in sample_scenes(config.kind, config.prompts, seed=7, split="test")]
     trained = list(unet.parameters()) + (list(text_encoder.parameters()) if config.text_encoder else [])
     for module in (unet, text_encoder, vae):
@@ -116,7 +114,7 @@ def finetune_ceiling(config: CeilingConfig, progress: Callable[[str], None] = pr
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,),
                                   generator=generator)
         with torch.set_grad_enabled(config.text_encoder):
-            hidden = _encode_text(tokenizer, text_encoder, batch_captions)
+            hidden = encode_captions(tokenizer, text_encoder, batch_captions)
         prediction = unet(noise_scheduler.add_noise(clean, noise, timesteps), timesteps, hidden).sample
         loss = noise_prediction_loss(prediction, noise, noise_scheduler, timesteps, config.snr_gamma)
         loss.backward()
