@@ -290,6 +290,9 @@ def _cmd_world(args) -> int:
         if args.world_command == "train-base":
             train_base_model(args.out, config)
             return 0
+        folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise ConfigError(f"--json: cannot write {args.json}: {folder} is not a writable folder")
         rows = finetune_ceiling(config)
         print(f"\n| step | {config.kind} exact % | training loss |\n|---|---|---|")
         for row in rows:

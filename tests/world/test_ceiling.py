@@ -60,3 +60,11 @@ def test_ceiling_cli_names_a_bad_field():
     assert result.returncode == 2
     assert "kind: Value error, 'shapes' is not a world kind" in result.stderr
     assert "steps: Input should be greater than or equal to 1" in result.stderr
+
+
+def test_ceiling_cli_refuses_a_json_file_it_could_not_write_before_training(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "selma", "world", "ceiling", "--json",
+                             str(tmp_path / "missing" / "rows.json")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"--json: cannot write {tmp_path / 'missing' / 'rows.json'}" in result.stderr
+    assert "[ceiling]" not in result.stdout  # nothing was trained or scored
